@@ -1,0 +1,44 @@
+# Two commands do all set-up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PORT   ?= 50051
+
+.DEFAULT_GOAL := help
+.PHONY: help setup run test test-slow test-reliability protos bench serve clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+
+setup: $(STAMP)  ## create .venv and install the project with its test tools
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test,dev]'
+	touch $(STAMP)
+
+run: setup  ## the main job on the shared data (FULL=1 for the lecture's full settings)
+	$(BIN)/python -m extractor backbones
+
+test: setup  ## the default (fast) tests
+	$(BIN)/python -m pytest -q
+
+test-slow: setup  ## the heavy tests (full datasets, long training)
+	$(BIN)/python -m pytest -q -m slow
+
+test-reliability: setup  ## the fault, load and bad-input suite
+	$(BIN)/python -m pytest -q -m reliability
+
+protos: setup  ## regenerate the gRPC code beside protos/*.proto
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. protos/*.proto
+
+bench: setup  ## benchmarks: ratios against the baseline measured in the same run
+	@for script in benchmarks/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+
+serve: setup  ## the gRPC feature service on 127.0.0.1:$(PORT)
+	$(BIN)/python -m extractor serve --port $(PORT)
+
+clean:  ## remove the virtual environment and caches in the tree
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

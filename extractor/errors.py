@@ -1,0 +1,40 @@
+"""Domain errors, one class per kind of failure; the gRPC layer maps each to one status code."""
+
+
+class ExtractorError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class UnknownNameError(ExtractorError, KeyError):
+    """A backbone, recipe, dataset, feature set or head name that does not exist."""
+
+    def __init__(self, kind: str, name: str, known):
+        self.kind, self.name, self.known = kind, name, sorted(known)
+        super().__init__(f"unknown {kind} {name!r}; known: {', '.join(self.known) or '(none)'}")
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.args[0]
+
+
+class InvalidInputError(ExtractorError, ValueError):
+    """Input that cannot be used: undecodable bytes, a wrong shape or dtype, a bad option value."""
+
+
+class LimitExceededError(ExtractorError):
+    """A request over one of the configured limits (images per request, bytes, decoded pixels)."""
+
+    def __init__(self, limit: str, value, maximum):
+        self.limit, self.value, self.maximum = limit, value, maximum
+        super().__init__(f"{limit} is {value}, over the limit of {maximum}")
+
+
+class ChecksumError(ExtractorError):
+    """A weights or model file whose sha256 is not the expected one."""
+
+
+class StoreError(ExtractorError):
+    """A file that is not an embedding store, or a store that failed an integrity check."""
+
+
+class NotReadyError(ExtractorError):
+    """The service is starting up or shutting down."""
