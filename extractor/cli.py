@@ -1,0 +1,183 @@
+"""The `python -m extractor` command line: backbones, pretrain, embed, store."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from extractor.errors import ExtractorError
+
+log = logging.getLogger("extractor")
+
+EPILOG = """examples:
+  python -m extractor backbones
+  python -m extractor pretrain mnist_cnn
+  python -m extractor embed --backbone vgg16 --data cifar10:test --feature-set cifar10-test
+  python -m extractor embed --backbone vgg16 --recipe caffe --input-size 64 --data folder:~/photos --feature-set photos
+  python -m extractor store info
+"""
+
+
+def add_backbone_options(parser: argparse.ArgumentParser) -> None:
+    """The options that choose and configure a backbone (shared by every command that embeds)."""
+    group = parser.add_argument_group("backbone")
+    group.add_argument("--backbone", required=True, help="registry name (see `extractor backbones`)")
+    group.add_argument("--recipe", help="preprocessing recipe (default: the backbone's first)")
+    group.add_argument("--input-size", type=int, help="square input size in pixels (default: the backbone's)")
+    group.add_argument("--pooling", help="flatten | avg (default: the backbone's)")
+    group.add_argument("--weights", help="weights file instead of the shared one")
+    group.add_argument("--weights-sha256", help="expected sha256 of the weights file")
+
+
+def spec_from_args(args: argparse.Namespace):
+    from extractor.backbones import get_backbone_spec
+
+    return get_backbone_spec(args.backbone, input_size=args.input_size, recipe=args.recipe, pooling=args.pooling,
+                             weights=args.weights, weights_sha256=args.weights_sha256, data_dir=args.data_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m extractor", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Run frozen pretrained backbones once over images and keep their embeddings.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--data-dir", help="shared datasets and weights (env EXTRACTOR_DATA_DIR; default ../shared/data)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    listing = commands.add_parser("backbones", help="list the registered backbones")
+    listing.add_argument("--json", action="store_true", help="print a JSON list")
+    listing.set_defaults(run=cmd_backbones)
+
+    pretrain = commands.add_parser("pretrain", help="pretrain a source-dataset backbone (mnist_cnn)")
+    pretrain.add_argument("name", choices=["mnist_cnn"])
+    pretrain.add_argument("--epochs", type=int, default=15)
+    pretrain.add_argument("--batch-size", type=int, default=128)
+    pretrain.add_argument("--seed", type=int, default=0)
+    pretrain.add_argument("--force", action="store_true", help="retrain even if a saved model exists")
+    pretrain.set_defaults(run=cmd_pretrain)
+
+    embed = commands.add_parser(
+        "embed", help="embed a dataset into a feature set of the store",
+        description="Embed a dataset into a named feature set. Vectors already in the store are reused; "
+                    "a killed job, rerun, computes only what is missing.")
+    add_backbone_options(embed)
+    embed.add_argument("--data", required=True, metavar="SPEC",
+                       help="mnist:SPLIT, cifar10:SPLIT, folder:PATH or npz:PATH (options after ?, e.g. "
+                            "mnist:small?n=100&seed=3)")
+    embed.add_argument("--feature-set", required=True, help="name of the feature set to write")
+    embed.add_argument("--store", help="store file (env EXTRACTOR_STORE; default in the user cache)")
+    embed.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
+    embed.add_argument("--limit", type=int, help="embed only the first N images")
+    embed.add_argument("--json", action="store_true", help="print the summary as JSON")
+    embed.add_argument("--no-progress", action="store_true", help="no progress bar")
+    embed.set_defaults(run=cmd_embed)
+
+    store = commands.add_parser("store", help="inspect and maintain the store")
+    store_commands = store.add_subparsers(dest="store_command", required=True, metavar="ACTION")
+    for name, help_text in (("info", "vectors, size and feature sets"),
+                            ("verify", "re-check every checksum and reference; exit 1 on any problem"),
+                            ("export", "write a feature set as .npy files or Parquet"),
+                            ("gc", "delete vectors no feature set refers to")):
+        action = store_commands.add_parser(name, help=help_text)
+        action.add_argument("--store", help="store file (env EXTRACTOR_STORE; default in the user cache)")
+        action.set_defaults(run=cmd_store)
+        if name == "export":
+            action.add_argument("--feature-set", required=True)
+            action.add_argument("--format", choices=["npy", "parquet"], default="parquet")
+            action.add_argument("--out", required=True, help="folder (npy) or file (parquet)")
+        if name == "gc":
+            action.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+        if name == "info":
+            action.add_argument("--json", action="store_true")
+    return parser
+
+
+def cmd_backbones(args) -> int:
+    from extractor.backbones import backbone_names, get_backbone_spec
+
+    entries = [get_backbone_spec(name, data_dir=args.data_dir).describe() for name in backbone_names()]
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    print(f"{'name':<14}{'input':>6}  {'dim':>6}  {'recipes':<16}{'pooling':<10}fingerprint")
+    for e in entries:
+        fingerprint = e["fingerprint"][:16] if e["fingerprint"] else "(run: extractor pretrain mnist_cnn)"
+        print(f"{e['name']:<14}{e['input_size']:>6}  {e['output_dim']:>6}  {','.join(e['recipes']):<16}"
+              f"{e['pooling']:<10}{fingerprint}")
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from extractor.pretrain import pretrain_mnist_cnn
+
+    path, meta = pretrain_mnist_cnn(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                                    force=args.force, data_dir=args.data_dir, verbose=2 if args.verbose else 0)
+    print(f"{path}\nsha256 {meta['sha256']}\ntest accuracy (digits 0,2,4,6,8): "
+          f"{meta['test_accuracy_even_digits']:.4f}")
+    return 0
+
+
+def cmd_embed(args) -> int:
+    from extractor import paths
+    from extractor.datasets import open_dataset
+    from extractor.embedder import Embedder
+    from extractor.jobs import run_embed_job
+    from extractor.store import EmbeddingStore
+
+    spec = spec_from_args(args)
+    dataset = open_dataset(args.data, args.data_dir)
+    with EmbeddingStore(paths.store_path(args.store)) as store:
+        summary = run_embed_job(dataset, Embedder(spec, store), args.feature_set, batch_size=args.batch_size,
+                                limit=args.limit, progress=not args.no_progress and sys.stderr.isatty())
+    print(json.dumps(summary.as_dict(), indent=2) if args.json else "\n".join(summary.lines()))
+    return 0
+
+
+def cmd_store(args) -> int:
+    from extractor import paths
+    from extractor.store import EmbeddingStore, export_feature_set
+
+    path = paths.store_path(args.store)
+    with EmbeddingStore(path, readonly=args.store_command in ("info", "verify", "export")) as store:
+        if args.store_command == "info":
+            info = store.info()
+            if args.json:
+                print(json.dumps(info, indent=2))
+                return 0
+            print(f"store    {info['path']} ({info['bytes'] / 1e6:.1f} MB)")
+            print(f"vectors  {info['vectors']}  by width {info['vectors_by_width']}")
+            for s in info["feature_sets"]:
+                state = "complete" if s["complete"] else "INCOMPLETE"
+                print(f"  {s['name']:<28}{s['count']:>8}  {state:<10} {s['backbone']} {s['fingerprint']}  "
+                      f"{s['data_spec']}" + (f"  ({s['skipped']} skipped)" if s["skipped"] else ""))
+            return 0
+        if args.store_command == "verify":
+            report = store.verify()
+            print(f"checked {report.vectors_checked} vectors: "
+                  + ("ok" if report.ok else f"{len(report.problems)} problems"))
+            for problem in report.problems[:50]:
+                print(f"  {problem}")
+            return 0 if report.ok else 1
+        if args.store_command == "export":
+            for written in export_feature_set(store, args.feature_set, args.out, args.format):
+                print(written)
+            return 0
+        removed = store.gc(dry_run=args.dry_run)
+        print(f"{'would delete' if args.dry_run else 'deleted'} {removed} unreferenced vectors")
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.run(args)
+    except ExtractorError as exc:
+        log.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted; what was committed is kept, a rerun resumes")
+        return 130

@@ -1,0 +1,283 @@
+"""Dataset readers: a data spec in, batches of canonical uint8 pixels with integer labels out.
+
+Data specs (options after `?`, joined by `&`):
+  mnist:SPLIT       train | test | big (train digits 0,2,4,6,8) | big-test (test digits 0,2,4,6,8) |
+                    small (a seeded sample of `n` train images of 1,3,5,7,9; n=100, seed=0) |
+                    small-test (test digits 1,3,5,7,9)
+  cifar10:SPLIT     train | test | small (a seeded sample of `per_class` train images per class;
+                    per_class=100, seed=0)
+  folder:PATH       one subfolder per class holding image files (class index = sorted folder order)
+  npz:PATH          arrays `x` (N, H, W[, C]) uint8 and `y` (N,), optionally `class_names`
+`mnist` and `cifar10` read the shared files by default; `source=keras` downloads them through Keras.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qsl, urlencode
+
+import numpy as np
+
+from extractor import paths
+from extractor.errors import ExtractorError, InvalidInputError, UnknownNameError
+from extractor.images import canonical_pixels, read_image_file
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+MNIST_FILE = "mnist.npz"
+CIFAR10_FILE = "cifar10-jpeg.tar.gz"
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+EVEN_DIGITS, ODD_DIGITS = (0, 2, 4, 6, 8), (1, 3, 5, 7, 9)
+
+# Every split's options with their defaults; a spec is made canonical by filling them in.
+SPLITS = {
+    "mnist": {"train": {}, "test": {}, "big": {}, "big-test": {}, "small": {"n": 100, "seed": 0},
+              "small-test": {}},
+    "cifar10": {"train": {}, "test": {}, "small": {"per_class": 100, "seed": 0}},
+}
+SOURCES = ("shared", "keras")
+
+
+@dataclass
+class ImageBatch:
+    """A batch of images: canonical uint8 (H, W, C) arrays, their labels (n,) and where each came from."""
+
+    images: list[np.ndarray]
+    labels: np.ndarray
+    sources: list[str]
+
+
+@dataclass
+class SkippedImage:
+    source: str
+    reason: str
+
+
+@dataclass
+class Dataset:
+    """An ordered list of labelled images, read lazily in batches.
+
+    `load(i)` returns the canonical pixels of item i; it raises `ExtractorError` for an unreadable
+    item, which `batches` reports and skips (recorded in `skipped`).
+    """
+
+    spec: str
+    class_names: list[str]
+    labels: np.ndarray
+    sources: list[str]
+    load: callable
+    skipped: list[SkippedImage] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[ImageBatch]:
+        """Yield batches of up to `batch_size` readable images, from the first `limit` items."""
+        if batch_size < 1:
+            raise InvalidInputError(f"batch size must be at least 1, got {batch_size}")
+        total = len(self) if limit is None else min(limit, len(self))
+        for start in range(0, total, batch_size):
+            images, labels, sources = [], [], []
+            for i in range(start, min(start + batch_size, total)):
+                try:
+                    images.append(self.load(i))
+                except ExtractorError as exc:
+                    log.warning("skipping %s: %s", self.sources[i], exc)
+                    self.skipped.append(SkippedImage(self.sources[i], str(exc)))
+                    continue
+                labels.append(self.labels[i])
+                sources.append(self.sources[i])
+            if images:
+                yield ImageBatch(images, np.asarray(labels, dtype=np.int64), sources)
+
+    def subset(self, indices: np.ndarray, spec: str) -> "Dataset":
+        """The items at `indices`, in that order, as a dataset of their own."""
+        indices = np.asarray(indices, dtype=np.int64)
+        load = self.load
+        return Dataset(spec, self.class_names, self.labels[indices],
+                       [self.sources[i] for i in indices], lambda i: load(int(indices[i])))
+
+
+def parse_data_spec(text: str) -> tuple[str, str, dict[str, str]]:
+    """Split `kind:target?key=value&...` into its parts."""
+    kind, sep, rest = text.partition(":")
+    if not sep or not rest:
+        raise InvalidInputError(
+            f"data spec {text!r} must look like 'mnist:small', 'cifar10:test', 'folder:PATH' or 'npz:PATH'"
+        )
+    target, _, query = rest.partition("?")
+    options = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)))
+    return kind, target, options
+
+
+def open_dataset(spec: str, data_dir: str | os.PathLike | None = None) -> Dataset:
+    """Open the dataset a data spec names (see the module docstring); nothing is decoded yet."""
+    kind, target, options = parse_data_spec(spec)
+    if kind in SPLITS:
+        return _open_builtin(kind, target, options, paths.data_dir(data_dir))
+    if options:
+        raise InvalidInputError(f"{kind} takes no options, got {sorted(options)}")
+    if kind == "folder":
+        return open_folder(Path(target))
+    if kind == "npz":
+        return open_npz(Path(target))
+    raise UnknownNameError("dataset kind", kind, [*SPLITS, "folder", "npz"])
+
+
+def _int_option(options: dict, name: str, minimum: int) -> int:
+    try:
+        value = int(options[name])
+    except ValueError:
+        raise InvalidInputError(f"option {name} must be an integer, got {options[name]!r}") from None
+    if value < minimum:
+        raise InvalidInputError(f"option {name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _open_builtin(kind: str, split: str, options: dict, data_dir: Path) -> Dataset:
+    if split not in SPLITS[kind]:
+        raise UnknownNameError(f"{kind} split", split, SPLITS[kind])
+    source = options.pop("source", "shared")
+    if source not in SOURCES:
+        raise UnknownNameError("data source", source, SOURCES)
+    defaults = SPLITS[kind][split]
+    unknown = set(options) - set(defaults)
+    if unknown:
+        raise InvalidInputError(f"{kind}:{split} takes options {sorted(defaults) or 'none'}, got {sorted(unknown)}")
+    params = {name: _int_option({**defaults, **options}, name, 1 if name != "seed" else 0) for name in defaults}
+    query = {**params, **({"source": source} if source != "shared" else {})}
+    spec = f"{kind}:{split}" + (f"?{urlencode(query)}" if query else "")
+    opener = _open_mnist if kind == "mnist" else _open_cifar10
+    return opener(split, params, source, data_dir, spec)
+
+
+def _open_mnist(split: str, params: dict, source: str, data_dir: Path, spec: str) -> Dataset:
+    if source == "keras":
+        import keras
+
+        (x_train, y_train), (x_test, y_test) = keras.datasets.mnist.load_data()
+        origin = "keras:mnist"
+    else:
+        path = paths.verified_file(data_dir / MNIST_FILE, paths.published_sha256(MNIST_FILE, data_dir))
+        with np.load(path) as arrays:
+            x_train, y_train, x_test, y_test = (arrays[k] for k in ("x_train", "y_train", "x_test", "y_test"))
+        origin = str(path)
+    x, y, part = (x_test, y_test, "test") if split.endswith("test") else (x_train, y_train, "train")
+    digits = {"big": EVEN_DIGITS, "big-test": EVEN_DIGITS, "small": ODD_DIGITS,
+              "small-test": ODD_DIGITS}.get(split, tuple(range(10)))
+    indices = np.flatnonzero(np.isin(y, digits))
+    if split == "small":
+        indices = _seeded_sample(indices, params["n"], params["seed"])
+    relabel = np.full(10, -1, dtype=np.int64)
+    relabel[list(digits)] = np.arange(len(digits))
+    return _array_dataset(spec, x, relabel[y], indices, [str(d) for d in digits], f"{origin}:{part}")
+
+
+def _open_cifar10(split: str, params: dict, source: str, data_dir: Path, spec: str) -> Dataset:
+    part = "test" if split == "test" else "train"
+    if source == "keras":
+        import keras
+
+        (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
+        x, y = (x_test, y_test) if part == "test" else (x_train, y_train)
+        full = _array_dataset(spec, x, y.reshape(-1).astype(np.int64), np.arange(len(y)),
+                              CIFAR10_CLASSES, f"keras:cifar10:{part}")
+    else:
+        root = extract_cifar10(data_dir)
+        full = open_folder(root / part)
+        if full.class_names != CIFAR10_CLASSES:
+            raise InvalidInputError(f"{root / part} holds classes {full.class_names}, expected {CIFAR10_CLASSES}")
+    if split != "small":
+        full.spec = spec
+        return full
+    rng = np.random.default_rng(params["seed"])
+    chosen = [np.sort(rng.choice(np.flatnonzero(full.labels == c), params["per_class"], replace=False))
+              for c in range(len(CIFAR10_CLASSES))]
+    return full.subset(np.concatenate(chosen), spec)
+
+
+def _seeded_sample(indices: np.ndarray, n: int, seed: int) -> np.ndarray:
+    if n > len(indices):
+        raise InvalidInputError(f"cannot sample {n} images from {len(indices)}")
+    return np.sort(np.random.default_rng(seed).choice(indices, n, replace=False))
+
+
+def _array_dataset(spec, x, y, indices, class_names, origin) -> Dataset:
+    indices = np.asarray(indices, dtype=np.int64)
+    return Dataset(spec, list(class_names), np.asarray(y)[indices].astype(np.int64),
+                   [f"{origin}[{i}]" for i in indices], lambda i: canonical_pixels(x[indices[i]]))
+
+
+def open_npz(path: Path) -> Dataset:
+    """Arrays `x` (N, H, W[, C]) uint8 and `y` (N,) integer labels, optionally `class_names`."""
+    if not path.is_file():
+        raise InvalidInputError(f"npz file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            x, y = arrays["x"], arrays["y"]
+            names = [str(n) for n in arrays["class_names"]] if "class_names" in arrays else None
+    except KeyError as exc:
+        raise InvalidInputError(f"{path} must hold arrays 'x' and 'y': {exc}") from None
+    except (OSError, ValueError) as exc:
+        raise InvalidInputError(f"cannot read {path} as npz: {exc}") from None
+    if x.dtype != np.uint8 or x.ndim not in (3, 4):
+        raise InvalidInputError(f"{path}: x must be uint8 (N, H, W[, C]), got {x.dtype} {x.shape}")
+    y = np.asarray(y).reshape(-1)
+    if len(y) != len(x) or not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
+        raise InvalidInputError(f"{path}: y must be {len(x)} non-negative integers, got {y.dtype} {y.shape}")
+    names = names or [str(c) for c in range(int(y.max()) + 1 if len(y) else 0)]
+    return _array_dataset(f"npz:{path.resolve()}", x, y, np.arange(len(y)), names, str(path))
+
+
+def open_folder(root: Path) -> Dataset:
+    """Image files in one subfolder per class; classes in sorted folder order, files in sorted order."""
+    if not root.is_dir():
+        raise InvalidInputError(f"image folder not found: {root}")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise InvalidInputError(f"{root} has no class subfolders (expected {root}/CLASS/IMAGE.jpg)")
+    files, labels = [], []
+    for label, class_dir in enumerate(class_dirs):
+        for path in sorted(class_dir.iterdir()):
+            if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
+                files.append(str(path))
+                labels.append(label)
+    return Dataset(f"folder:{root.resolve()}", [d.name for d in class_dirs], np.asarray(labels, dtype=np.int64),
+                   files, lambda i: read_image_file(files[i]))
+
+
+def extract_cifar10(data_dir: Path) -> Path:
+    """Extract the shared CIFAR-10 JPEG archive once into the cache; return its `cifar10-jpeg` folder.
+
+    The archive is verified first; extraction goes to a temporary folder renamed into place, so an
+    interrupted extraction never leaves a half-filled folder behind.
+    """
+    archive = data_dir / CIFAR10_FILE
+    sha256 = paths.published_sha256(CIFAR10_FILE, data_dir)
+    target = paths.cache_dir() / f"cifar10-jpeg-{(sha256 or 'unverified')[:16]}"
+    if (target / "cifar10-jpeg").is_dir():
+        return target / "cifar10-jpeg"
+    paths.verified_file(archive, sha256)
+    log.info("extracting %s into %s (once)", archive, target)
+    staging = Path(tempfile.mkdtemp(prefix=".cifar10-", dir=target.parent))
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            tar.extractall(staging, filter="data")
+        if not (staging / "cifar10-jpeg").is_dir():
+            raise InvalidInputError(f"{archive} has no top-level cifar10-jpeg folder")
+        try:
+            staging.rename(target)
+        except OSError:  # another process finished first
+            if not (target / "cifar10-jpeg").is_dir():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target / "cifar10-jpeg"

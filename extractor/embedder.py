@@ -1,0 +1,84 @@
+"""Get-or-compute: content keys for images, vectors from the store, the backbone only for what is missing."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from extractor.backbones import BackboneSpec, FrozenBackbone, load_backbone
+from extractor.store import EmbeddingStore
+
+log = logging.getLogger(__name__)
+
+
+def content_key(fingerprint: str, image: np.ndarray) -> bytes:
+    """sha256 over the backbone fingerprint and the canonical uint8 pixels with their shape (32 bytes)."""
+    digest = hashlib.sha256(fingerprint.encode())
+    digest.update(f"|{image.dtype.str}|{'x'.join(map(str, image.shape))}|".encode())
+    digest.update(np.ascontiguousarray(image).data)
+    return digest.digest()
+
+
+@dataclass
+class Resolved:
+    """The outcome for one batch of images, in input order."""
+
+    keys: list[bytes]
+    vectors: np.ndarray      # (n, d) float32
+    cached: np.ndarray       # (n,) bool: found in the store rather than computed now
+    new_keys: list[bytes]    # keys computed now, each once
+    new_vectors: np.ndarray  # (len(new_keys), d) float32
+
+
+class Embedder:
+    """Turns canonical uint8 images into vectors of one backbone, computing each distinct image once.
+
+    The backbone is built on the first miss only, so a fully cached job never loads TensorFlow.
+    """
+
+    def __init__(self, spec: BackboneSpec, store: EmbeddingStore, backbone: FrozenBackbone | None = None):
+        self.spec = spec
+        self.store = store
+        self.fingerprint = spec.fingerprint
+        self._backbone = backbone
+
+    @property
+    def backbone(self) -> FrozenBackbone:
+        if self._backbone is None:
+            self._backbone = load_backbone(self.spec)
+        return self._backbone
+
+    def keys(self, images: list[np.ndarray]) -> list[bytes]:
+        return [content_key(self.fingerprint, image) for image in images]
+
+    def resolve(self, images: list[np.ndarray]) -> Resolved:
+        """Look every image up; compute the missing ones (duplicates once); write nothing."""
+        keys = self.keys(images)
+        stored = self.store.get_many(keys)
+        first_missing: dict[bytes, int] = {}
+        for i, key in enumerate(keys):
+            if key not in stored and key not in first_missing:
+                first_missing[key] = i
+        new_keys = list(first_missing)
+        new_vectors = self.backbone.embed([images[i] for i in first_missing.values()]) if new_keys \
+            else np.empty((0, self.spec.output_dim), dtype=np.float32)
+        computed = dict(zip(new_keys, new_vectors))
+        vectors = np.empty((len(keys), self.spec.output_dim), dtype=np.float32)
+        cached = np.zeros(len(keys), dtype=bool)
+        for i, key in enumerate(keys):
+            if key in stored:
+                vectors[i] = stored[key]
+                cached[i] = True
+            else:
+                vectors[i] = computed[key]
+        return Resolved(keys, vectors, cached, new_keys, new_vectors)
+
+    def embed(self, images: list[np.ndarray]) -> Resolved:
+        """`resolve`, then store what was computed (one transaction)."""
+        resolved = self.resolve(images)
+        if resolved.new_keys:
+            self.store.put_many(resolved.new_keys, resolved.new_vectors)
+        return resolved
