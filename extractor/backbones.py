@@ -204,10 +204,10 @@ REGISTRY: dict[str, BackboneSpec] = {
             build=_build_mnist_cnn, output_dim_for=lambda spec: 1600),
         BackboneSpec(
             name="squeezenet", summary="SqueezeNet 1.1 up to fire9, ImageNet weights",
-            architecture="squeezenet1.1/fire9-concat", cut="fire9/concat",
+            architecture="squeezenet1.1/fire9-concat", cut="fire9_concat",
             input_size=227, channels=3, recipe=CAFFE, recipes=(CAFFE,), pooling="avg",
             poolings=("avg", "flatten"), weights_file="squeezenet_weights_tf_dim_ordering_tf_kernels_notop.h5",
-            min_input_size=64, build=_build_squeezenet, output_dim_for=_squeezenet_dim),
+            min_input_size=31, build=_build_squeezenet, output_dim_for=_squeezenet_dim),
         BackboneSpec(
             name="mobilenet_v1", summary="MobileNet V1 1.0 224, uint8-quantized TFLite embedding extractor",
             architecture="tflite.mobilenet_v1_1.0_224_quant/embedding", cut="avgpool",

@@ -18,6 +18,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,24 +80,34 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[ImageBatch]:
-        """Yield batches of up to `batch_size` readable images, from the first `limit` items."""
+    def batches(self, batch_size: int, limit: int | None = None, threads: int = 2) -> Iterator[ImageBatch]:
+        """Yield batches of up to `batch_size` readable images, from the first `limit` items.
+
+        Items are decoded by `threads` threads (Pillow decodes without holding the GIL).
+        """
         if batch_size < 1:
             raise InvalidInputError(f"batch size must be at least 1, got {batch_size}")
         total = len(self) if limit is None else min(limit, len(self))
-        for start in range(0, total, batch_size):
-            images, labels, sources = [], [], []
-            for i in range(start, min(start + batch_size, total)):
-                try:
-                    images.append(self.load(i))
-                except ExtractorError as exc:
-                    log.warning("skipping %s: %s", self.sources[i], exc)
-                    self.skipped.append(SkippedImage(self.sources[i], str(exc)))
-                    continue
-                labels.append(self.labels[i])
-                sources.append(self.sources[i])
-            if images:
-                yield ImageBatch(images, np.asarray(labels, dtype=np.int64), sources)
+        with ThreadPoolExecutor(max(1, threads), thread_name_prefix="decode") as pool:
+            for start in range(0, total, batch_size):
+                images, labels, sources = [], [], []
+                indices = range(start, min(start + batch_size, total))
+                for i, loaded in zip(indices, pool.map(self._load_or_error, indices)):
+                    if isinstance(loaded, ExtractorError):
+                        log.warning("skipping %s: %s", self.sources[i], loaded)
+                        self.skipped.append(SkippedImage(self.sources[i], str(loaded)))
+                        continue
+                    images.append(loaded)
+                    labels.append(self.labels[i])
+                    sources.append(self.sources[i])
+                if images:
+                    yield ImageBatch(images, np.asarray(labels, dtype=np.int64), sources)
+
+    def _load_or_error(self, i: int) -> np.ndarray | ExtractorError:
+        try:
+            return self.load(i)
+        except ExtractorError as exc:
+            return exc
 
     def subset(self, indices: np.ndarray, spec: str) -> "Dataset":
         """The items at `indices`, in that order, as a dataset of their own."""
