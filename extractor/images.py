@@ -55,7 +55,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise LimitExceededError("decoded pixels", "over Pillow's bomb threshold", max_pixels) from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+    except UnidentifiedImageError:
+        raise InvalidInputError("cannot decode image: not a recognised image format") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidInputError(f"cannot decode image: {exc}") from exc
     if image.mode in ("L", "I;16", "I", "F", "1"):
         image = image.convert("L")

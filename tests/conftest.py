@@ -27,3 +27,13 @@ def session_cache(tmp_path_factory):
         os.environ.pop("EXTRACTOR_CACHE_DIR", None)
     else:
         os.environ["EXTRACTOR_CACHE_DIR"] = old
+
+
+def make_npz(path, n: int, seed: int = 0, size: int = 32, classes: int = 3):
+    """A small npz dataset of random uint8 images (n, size, size, 3) with labels; returns its data spec."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    np.savez(path, x=x, y=rng.integers(0, classes, n), class_names=np.array([f"c{i}" for i in range(classes)]))
+    return f"npz:{path}"
