@@ -34,8 +34,10 @@ test-reliability: setup  ## the fault, load and bad-input suite
 protos: setup  ## regenerate the gRPC code beside protos/*.proto
 	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. protos/*.proto
 
-bench: setup  ## benchmarks: ratios against the baseline measured in the same run
-	@for script in benchmarks/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+BENCHMARKS := $(filter-out benchmarks/common.py benchmarks/__init__.py,$(wildcard benchmarks/*.py))
+
+bench: setup  ## benchmarks: ratios against the baseline measured in the same run (JSON in benchmarks/results)
+	@for script in $(BENCHMARKS); do echo "== $$script"; $(BIN)/python $$script || exit 1; done
 
 serve: setup  ## the gRPC feature service on 127.0.0.1:$(PORT)
 	$(BIN)/python -m extractor serve --port $(PORT)

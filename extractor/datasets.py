@@ -13,6 +13,8 @@ Data specs (options after `?`, joined by `&`):
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -109,6 +111,16 @@ class Dataset:
         except ExtractorError as exc:
             return exc
 
+    def arrays(self, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """All readable images as one (n, H, W, C) uint8 array with labels (n,); they must share a shape."""
+        images, labels = [], []
+        for batch in self.batches(4096, limit):
+            images.extend(batch.images)
+            labels.append(batch.labels)
+        if len({image.shape for image in images}) > 1:
+            raise InvalidInputError(f"{self.spec}: images of several shapes cannot form one array")
+        return np.stack(images), np.concatenate(labels)
+
     def subset(self, indices: np.ndarray, spec: str) -> "Dataset":
         """The items at `indices`, in that order, as a dataset of their own."""
         indices = np.asarray(indices, dtype=np.int64)
@@ -178,8 +190,7 @@ def _open_mnist(split: str, params: dict, source: str, data_dir: Path, spec: str
         origin = "keras:mnist"
     else:
         path = paths.verified_file(data_dir / MNIST_FILE, paths.published_sha256(MNIST_FILE, data_dir))
-        with np.load(path) as arrays:
-            x_train, y_train, x_test, y_test = (arrays[k] for k in ("x_train", "y_train", "x_test", "y_test"))
+        x_train, y_train, x_test, y_test = _mnist_arrays(str(path), path.stat().st_mtime)
         origin = str(path)
     x, y, part = (x_test, y_test, "test") if split.endswith("test") else (x_train, y_train, "train")
     digits = {"big": EVEN_DIGITS, "big-test": EVEN_DIGITS, "small": ODD_DIGITS,
@@ -190,6 +201,13 @@ def _open_mnist(split: str, params: dict, source: str, data_dir: Path, spec: str
     relabel = np.full(10, -1, dtype=np.int64)
     relabel[list(digits)] = np.arange(len(digits))
     return _array_dataset(spec, x, relabel[y], indices, [str(d) for d in digits], f"{origin}:{part}")
+
+
+@functools.lru_cache(maxsize=2)
+def _mnist_arrays(path: str, mtime: float) -> tuple[np.ndarray, ...]:
+    """The four MNIST arrays, read once per process (the file is 11 MB compressed)."""
+    with np.load(path) as arrays:
+        return tuple(arrays[k] for k in ("x_train", "y_train", "x_test", "y_test"))
 
 
 def _open_cifar10(split: str, params: dict, source: str, data_dir: Path, spec: str) -> Dataset:
@@ -203,7 +221,7 @@ def _open_cifar10(split: str, params: dict, source: str, data_dir: Path, spec: s
                               CIFAR10_CLASSES, f"keras:cifar10:{part}")
     else:
         root = extract_cifar10(data_dir)
-        full = open_folder(root / part)
+        full = dataclasses.replace(_listed_folder(root / part), skipped=[])
         if full.class_names != CIFAR10_CLASSES:
             raise InvalidInputError(f"{root / part} holds classes {full.class_names}, expected {CIFAR10_CLASSES}")
     if split != "small":
@@ -246,6 +264,12 @@ def open_npz(path: Path) -> Dataset:
         raise InvalidInputError(f"{path}: y must be {len(x)} non-negative integers, got {y.dtype} {y.shape}")
     names = names or [str(c) for c in range(int(y.max()) + 1 if len(y) else 0)]
     return _array_dataset(f"npz:{path.resolve()}", x, y, np.arange(len(y)), names, str(path))
+
+
+@functools.lru_cache(maxsize=4)
+def _listed_folder(root: Path) -> Dataset:
+    """A folder that does not change (the extracted archive), listed once per process."""
+    return open_folder(root)
 
 
 def open_folder(root: Path) -> Dataset:

@@ -11,7 +11,7 @@ import numpy as np
 
 from extractor import paths
 from extractor.backbones import MNIST_CNN_FILE
-from extractor.datasets import Dataset, open_dataset
+from extractor.datasets import open_dataset
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +33,6 @@ def mnist_cnn(num_classes: int, activation: str = "relu", input_shape=(28, 28, 1
     ])
 
 
-def dataset_arrays(dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """All images of a same-shaped dataset as (n, H, W, C) uint8, with labels (n,)."""
-    images, labels = [], []
-    for batch in dataset.batches(4096):
-        images.extend(batch.images)
-        labels.append(batch.labels)
-    return np.stack(images), np.concatenate(labels)
-
-
 def pretrained_mnist_cnn_path() -> Path:
     return paths.cache_dir() / "models" / MNIST_CNN_FILE
 
@@ -60,8 +51,8 @@ def pretrain_mnist_cnn(*, epochs: int = 15, batch_size: int = 128, seed: int = 0
         return target, json.loads(meta_path.read_text())
     import keras
 
-    x_train, y_train = dataset_arrays(open_dataset("mnist:big", data_dir))
-    x_test, y_test = dataset_arrays(open_dataset("mnist:big-test", data_dir))
+    x_train, y_train = open_dataset("mnist:big", data_dir).arrays()
+    x_test, y_test = open_dataset("mnist:big-test", data_dir).arrays()
     keras.utils.set_random_seed(seed)
     model = mnist_cnn(num_classes=5)
     model.compile(loss=keras.losses.SparseCategoricalCrossentropy(), optimizer="adam", metrics=["accuracy"])

@@ -1,0 +1,96 @@
+"""The classic way, kept as the baseline: the lecture's Keras models trained end to end with `fit`.
+
+Freeze-and-retrain runs the frozen backbone inside the model, so every batch of every epoch pays for
+its forward pass; the from-scratch CNNs are the lecture's no-transfer rows.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from classifiers.heads import head_spec
+
+
+def cifar_cnn(activation: str, num_classes: int = 10, input_shape=(32, 32, 3)):
+    """cifar_vgg.py's no-transfer CNN: two conv pairs with pooling, Flatten, Dropout 0.5, Dense softmax."""
+    import keras
+    from keras import layers
+
+    return keras.Sequential([
+        keras.Input(shape=input_shape),
+        layers.Conv2D(32, kernel_size=(3, 3), activation=activation),
+        layers.Conv2D(32, kernel_size=(3, 3), activation=activation),
+        layers.MaxPooling2D(pool_size=(2, 2)),
+        layers.Conv2D(64, kernel_size=(3, 3), activation=activation),
+        layers.Conv2D(64, kernel_size=(3, 3), activation=activation),
+        layers.MaxPooling2D(pool_size=(2, 2)),
+        layers.Flatten(),
+        layers.Dropout(0.5),
+        layers.Dense(num_classes, activation="softmax"),
+    ])
+
+
+def lecture_head_layers(spec_name: str, num_classes: int) -> list:
+    """The head as the lecture writes it, with Keras' own Dropout: [Dropout] [Dense 512 tanh [Dropout]] Dense."""
+    from keras import layers
+
+    spec = head_spec(spec_name)
+    head = [layers.Dropout(spec.input_dropout)] if spec.input_dropout else []
+    if spec.hidden_units:
+        head.append(layers.Dense(spec.hidden_units, activation="tanh"))
+        if spec.hidden_dropout:
+            head.append(layers.Dropout(spec.hidden_dropout))
+    return head + [layers.Dense(num_classes, activation="softmax")]
+
+
+def freeze_and_retrain_model(frozen_layers: list, input_shape, head: str, num_classes: int, flatten: bool = True):
+    """`keras.Sequential([Input] + frozen layers [+ Flatten] + head)`, the frozen layers not trainable."""
+    import keras
+
+    for layer in frozen_layers:
+        layer.trainable = False
+    middle = [keras.layers.Flatten()] if flatten else []
+    return keras.Sequential([keras.Input(shape=input_shape)] + frozen_layers + middle
+                            + lecture_head_layers(head, num_classes))
+
+
+def vgg16_layers(weights_path: str, input_shape) -> list:
+    import keras
+
+    return keras.applications.VGG16(include_top=False, weights=weights_path, input_shape=input_shape).layers[1:]
+
+
+def pretrained_cnn_layers(path: str) -> list:
+    """tl_mnist's pretrained CNN up to its Flatten; with the "mnist-cnn" head (Dropout 0.5 + Dense) this
+    is the lecture's `model.layers[0:num_layers-1] + [Dense]`."""
+    import keras
+
+    return keras.models.load_model(path, compile=False).layers[:-2]
+
+
+@dataclass
+class ClassicRun:
+    accuracy: float
+    seconds: float            # training (fit) wall time
+    epochs: int
+    seconds_per_epoch: float
+    history: dict
+
+
+def fit_classic(model, x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, *, epochs: int,
+                batch_size: int, seed: int, validate: bool = False) -> ClassicRun:
+    """compile(adam, sparse CE) + fit as the lecture does; test accuracy after the last epoch."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(), optimizer="adam", metrics=["accuracy"])
+    start = time.perf_counter()
+    history = model.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=0,
+                        validation_data=(x_test, y_test) if validate else None)
+    seconds = time.perf_counter() - start
+    _, accuracy = model.evaluate(x_test, y_test, batch_size=256, verbose=0)
+    return ClassicRun(float(accuracy), seconds, epochs, seconds / epochs,
+                      {k: [float(v) for v in vals] for k, vals in history.history.items()})

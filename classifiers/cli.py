@@ -1,0 +1,153 @@
+"""The `python -m classifiers` command line: the lecture's experiments, and head comparisons on any feature set."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("classifiers")
+
+EPILOG = """examples:
+  python -m classifiers run                         # the three experiments, short default
+  python -m classifiers run --full                  # every row at the lecture's full settings (hours)
+  python -m classifiers run --experiments cifar_vgg --trials 5
+  python -m classifiers compare --train-set NAME --test-set NAME --heads linear,mlp512-tanh,logreg,knn
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m classifiers", description="Heads trained on cached features.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--store", help="embedding store (env EXTRACTOR_STORE; default in the user cache)")
+    parser.add_argument("--runs-dir", default="runs", help="where reports go: RUNS/<timestamp>/ (default runs)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="reproduce the lecture's table (tl_mnist, mnist_vgg, cifar_vgg)",
+                              description="Embed what is missing, train every row's trials, print the table "
+                                          "beside the lecture's ranges, write report.json, report.md and plots.")
+    run.add_argument("--experiments", default="tl_mnist,mnist_vgg,cifar_vgg", help="comma-separated names")
+    run.add_argument("--full", action="store_true",
+                     help="from-scratch and classic rows at full settings too (15 trials, all epochs: hours)")
+    run.add_argument("--trials", type=int, default=15, help="trials per row (default 15, as the lecture)")
+    run.add_argument("--scratch-trials", type=int, help="trials of the from-scratch rows (default 2; --full: all)")
+    run.add_argument("--classic-epochs", type=int, help="epochs timed of the classic rows (default 1; --full: all)")
+    run.add_argument("--no-beyond", action="store_true", help="only the rows that reproduce the lecture")
+    run.add_argument("--data-dir", help="shared datasets and weights (env EXTRACTOR_DATA_DIR)")
+    run.set_defaults(run=cmd_run)
+
+    compare = commands.add_parser("compare", help="compare heads on any two feature sets of the store",
+                                  description="Train every head over the trials on cached features; print and "
+                                              "write the same table, JSON and plots.")
+    compare.add_argument("--train-set", required=True, help="feature set to train on")
+    compare.add_argument("--test-set", required=True, help="feature set to test on")
+    compare.add_argument("--heads", default="linear,mlp512-tanh,logreg",
+                         help="comma-separated: KerasHead specs (linear, dropout-linear, mlp512-tanh, ...) "
+                              "or logreg, knn, linear-svm, ridge")
+    compare.add_argument("--trials", type=int, default=15, help="seeds per head (default 15)")
+    compare.add_argument("--epochs", type=int, default=100, help="epochs of Keras heads (default 100)")
+    compare.add_argument("--batch-size", type=int, default=4, help="batch size of Keras heads (default 4)")
+    compare.set_defaults(run=cmd_compare)
+    return parser
+
+
+def cmd_run(args) -> int:
+    from classifiers.experiments import EXPERIMENTS, ExperimentRunner, RunSettings
+    from classifiers.report import format_table, new_run_dir, write_report
+    from extractor import paths
+    from extractor.errors import UnknownNameError
+    from extractor.pretrain import pretrain_mnist_cnn
+    from extractor.store import EmbeddingStore
+
+    names = [n.strip() for n in args.experiments.split(",") if n.strip()]
+    for name in names:
+        if name not in EXPERIMENTS:
+            raise UnknownNameError("experiment", name, EXPERIMENTS)
+    started = time.perf_counter()
+    if any(m.features and m.features.backbone == "mnist_cnn" for n in names for m in EXPERIMENTS[n].methods):
+        pretrain_started = time.perf_counter()
+        path, meta = pretrain_mnist_cnn(data_dir=args.data_dir)
+        log.info("pretrained mnist_cnn ready (%s, %.1f s)", path, time.perf_counter() - pretrain_started)
+    settings = RunSettings(full=args.full, trials=args.trials, scratch_trials=args.scratch_trials,
+                           classic_epochs=args.classic_epochs, beyond=not args.no_beyond)
+    results = []
+    with EmbeddingStore(paths.store_path(args.store)) as store:
+        runner = ExperimentRunner(store, settings, args.data_dir, progress=sys.stderr.isatty())
+        for name in names:
+            result = runner.run(EXPERIMENTS[name])
+            results.append(result)
+            print(format_table(result) + "\n", flush=True)
+    timings = {r.name: {"classic": r.details["timing"]["classic_full_table_seconds"],
+                        "cached": r.details["timing"]["cached_full_table_seconds"]}
+               for r in results if r.details.get("timing")}
+    for name, timing in timings.items():
+        print(f"{name}: full transfer table classic {timing['classic']:.0f} s (extrapolated) vs cached "
+              f"{timing['cached']:.1f} s: {timing['classic'] / timing['cached']:.0f}x faster")
+    total = time.perf_counter() - started
+    run_dir = new_run_dir(Path(args.runs_dir))
+    header = (f"Mode: {'full lecture settings' if args.full else 'short default (see notes)'}; "
+              f"{args.trials} trials per cached row; total {total:.0f} s.")
+    write_report(run_dir, results, {"mode": "full" if args.full else "default", "total_seconds": round(total, 1)},
+                 timings, header)
+    print(f"\nreport: {run_dir}/report.md (and report.json, plots); total {total:.0f} s")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    import numpy as np
+
+    from classifiers.baselines import make_head
+    from classifiers.heads import HEAD_SPECS
+    from classifiers.report import ExperimentResult, MethodResult, format_table, new_run_dir, write_report
+    from classifiers.trainer import train_trials
+    from extractor import paths
+    from extractor.errors import InvalidInputError
+    from extractor.store import EmbeddingStore
+
+    with EmbeddingStore(paths.store_path(args.store), readonly=True) as store:
+        X, y, class_names = store.load_feature_set(args.train_set)
+        X_test, y_test, test_names = store.load_feature_set(args.test_set)
+        train_info, test_info = store.feature_set(args.train_set), store.feature_set(args.test_set)
+    if train_info.fingerprint != test_info.fingerprint:
+        raise InvalidInputError(f"{args.train_set} and {args.test_set} come from different backbones "
+                                f"({train_info.fingerprint[:12]} vs {test_info.fingerprint[:12]})")
+    if class_names != test_names:
+        raise InvalidInputError(f"the sets have different classes: {class_names} vs {test_names}")
+    heads = [h.strip() for h in args.heads.split(",") if h.strip()]
+    seeds = list(range(args.trials))
+    rows = []
+    for head in heads:
+        start = time.perf_counter()
+        settings = {"head": head, "trials": args.trials}
+        if head in HEAD_SPECS:
+            results = train_trials(head, np.repeat(X[None], args.trials, axis=0), np.repeat(y[None], args.trials, 0),
+                                   seeds, args.epochs, args.batch_size)
+            accuracies = [float(np.mean(r.predict(X_test) == y_test)) for r in results]
+            settings |= {"epochs": args.epochs, "batch_size": args.batch_size}
+        else:
+            accuracies = [float(make_head(head, random_state=s).fit(X, y).score(X_test, y_test)) for s in seeds]
+        rows.append(MethodResult(head, accuracies, time.perf_counter() - start, settings))
+    result = ExperimentResult("compare", f"train {args.train_set} ({len(X)}), test {args.test_set} ({len(X_test)}), "
+                              f"{X.shape[1]}-d features", rows,
+                              {"train_set": args.train_set, "test_set": args.test_set})
+    print(format_table(result))
+    run_dir = new_run_dir(Path(args.runs_dir))
+    write_report(run_dir, [result])
+    print(f"\nreport: {run_dir}/report.md")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from extractor.errors import ExtractorError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.run(args)
+    except (ExtractorError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2

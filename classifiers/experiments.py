@@ -1,0 +1,321 @@
+"""The lecture's three experiments, reproduced on cached features, beside its classic baselines.
+
+Each trial t draws its own small training set (seed t) and initialises its head with seed t, as
+the lecture's 15 trials do. Head rows train on vectors from the embedding store; the from-scratch
+CNNs and the classic freeze-and-retrain model cannot use the cache and run the Keras way.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from classifiers.report import ExperimentResult, MethodResult
+
+log = logging.getLogger(__name__)
+
+TRIALS = 15
+
+
+@dataclass(frozen=True)
+class Features:
+    """Which backbone configuration a row's vectors come from."""
+
+    backbone: str
+    recipe: str | None = None
+    input_size: int | None = None
+    pooling: str | None = None
+
+    def spec(self, data_dir=None):
+        from extractor.backbones import get_backbone_spec
+
+        return get_backbone_spec(self.backbone, input_size=self.input_size, recipe=self.recipe,
+                                 pooling=self.pooling, data_dir=data_dir)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A row of the table.
+
+    kind: "head" (a KerasHead spec, all trials at once by the fast trainer), "sklearn" (a head from
+    `make_head`), "scratch" (a CNN trained from scratch on the pixels), "classic" (the frozen backbone
+    and the head in one Keras model, fit on the pixels: the baseline the cache is measured against).
+    """
+
+    name: str
+    kind: str
+    model: str
+    features: Features | None = None
+    epochs: int = 0
+    batch_size: int = 0
+    lecture: tuple[float, float] | None = None
+    validate: bool = False
+    beyond: bool = False
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    description: str
+    train: str                    # data spec of trial t's training set, with {seed}
+    test: str
+    methods: tuple[Method, ...]
+    notes: tuple[str, ...] = ()
+
+
+VGG_LECTURE = Features("vgg16")          # the lecture: pixels / 255, 32x32, flattened block5_pool
+MNIST_CNN = Features("mnist_cnn")        # tl_mnist's CNN pretrained on digits 0,2,4,6,8, cut after Flatten
+
+EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
+    Experiment(
+        "tl_mnist", "MNIST digits 1,3,5,7,9 from 100 training images; source: digits 0,2,4,6,8",
+        "mnist:small?n=100&seed={seed}", "mnist:small-test",
+        (
+            Method("transfer: pretrained CNN + new output layer", "head", "mnist-cnn", MNIST_CNN, 100, 4,
+                   lecture=(91.0, 92.6)),
+            Method("no transfer: CNN from scratch", "scratch", "mnist_cnn", None, 100, 4, lecture=(84.0, 87.3)),
+            Method("classic: frozen CNN + new output layer, end to end", "classic", "mnist-cnn", MNIST_CNN, 100, 4),
+            Method("beyond: logistic regression (C swept) on pretrained CNN features", "sklearn", "logreg",
+                   MNIST_CNN, beyond=True),
+        ),
+        ("tl_mnist's pretrained CNN: 15 epochs, batch 128, Adam on the 29,492 images of digits 0,2,4,6,8.",),
+    ),
+    Experiment(
+        "mnist_vgg", "MNIST digits 1,3,5,7,9 from 100 training images on VGG16 (ImageNet), the lecture's heads",
+        "mnist:small?n=100&seed={seed}", "mnist:small-test",
+        (
+            Method("VGG16 + linear", "head", "linear", VGG_LECTURE, 100, 4, lecture=(83.5, 84.6)),
+            Method("VGG16 + dropout-linear", "head", "dropout-linear", VGG_LECTURE, 100, 4, lecture=(79.4, 81.9)),
+            Method("VGG16 + mlp512-tanh-dropout", "head", "mlp512-tanh-dropout", VGG_LECTURE, 100, 4,
+                   lecture=(85.9, 86.1)),
+            Method("VGG16 + dropout-mlp512-tanh-dropout", "head", "dropout-mlp512-tanh-dropout", VGG_LECTURE, 100, 4,
+                   lecture=(81.1, 85.9)),
+            Method("VGG16 + mlp512-tanh", "head", "mlp512-tanh", VGG_LECTURE, 100, 4, lecture=(85.9, 86.1)),
+            Method("classic: frozen VGG16 + linear, end to end", "classic", "linear", VGG_LECTURE, 100, 4),
+            Method("beyond: logistic regression (C swept) on VGG16 caffe 32x32 features", "sklearn", "logreg",
+                   Features("vgg16", recipe="caffe"), beyond=True),
+        ),
+        ("The lecture's preprocessing: digits padded 28 to 32, repeated to 3 channels, divided by 255, "
+         "no ImageNet mean subtraction.",),
+    ),
+    Experiment(
+        "cifar_vgg", "CIFAR-10 from 100 training images per class on VGG16 (ImageNet); test: the 10,000 test images",
+        "cifar10:small?per_class=100&seed={seed}", "cifar10:test",
+        (
+            Method("transfer: VGG16 + dropout-mlp512-tanh-dropout", "head", "dropout-mlp512-tanh-dropout",
+                   VGG_LECTURE, 50, 32, lecture=(48.0, 49.5), validate=True),
+            Method("no transfer: CNN from scratch, tanh", "scratch", "tanh", None, 50, 32, lecture=(40.0, 41.4)),
+            Method("no transfer: CNN from scratch, relu", "scratch", "relu", None, 50, 32, lecture=(36.4, 38.8)),
+            Method("no transfer: CNN from scratch, sigmoid", "scratch", "sigmoid", None, 50, 32, lecture=(37.3, 38.5)),
+            Method("classic: frozen VGG16 + dropout-mlp512-tanh-dropout, end to end", "classic",
+                   "dropout-mlp512-tanh-dropout", VGG_LECTURE, 50, 32, validate=True),
+            Method("beyond: logistic regression (C swept) on VGG16 caffe 32x32 features", "sklearn", "logreg",
+                   Features("vgg16", recipe="caffe"), beyond=True),
+        ),
+        ("The lecture does not give CIFAR-10's epochs and batch size: here 50 epochs, batch 32, for every row.",
+         "Our CIFAR-10 is a JPEG re-encoding (quality about 75) of the original arrays; pixels differ slightly.",
+         "Validation on the 10,000 test images after every epoch, as cifar_vgg.py does (history in the plots)."),
+    ),
+)}
+
+
+@dataclass
+class RunSettings:
+    """How much of each kind of row to run: the full lecture settings, or a short default."""
+
+    full: bool = False
+    trials: int = TRIALS
+    scratch_trials: int | None = None   # default: 2 (full: trials)
+    classic_trials: int | None = None   # default: 1 (full: trials)
+    classic_epochs: int | None = None   # default: 1 epoch timed, extrapolated (full: the row's epochs)
+    beyond: bool = True
+
+    def trials_for(self, method: Method) -> int:
+        if self.full or method.kind in ("head", "sklearn"):
+            return self.trials
+        if method.kind == "scratch":
+            return self.scratch_trials or 2
+        return self.classic_trials or 1
+
+    def epochs_for(self, method: Method) -> int:
+        if method.kind == "classic" and not self.full:
+            return self.classic_epochs or 1
+        return method.epochs
+
+
+@dataclass
+class TrialData:
+    """Cached vectors for every trial of one feature configuration, plus the test set's."""
+
+    X_trials: np.ndarray   # (T, n, d)
+    y_trials: np.ndarray   # (T, n)
+    X_test: np.ndarray
+    y_test: np.ndarray
+    class_names: list[str]
+    embed_seconds: float
+    computed: int
+
+
+@dataclass
+class ExperimentRunner:
+    """Runs experiments against one store; features are embedded once and reused across rows and runs."""
+
+    store: object
+    settings: RunSettings = field(default_factory=RunSettings)
+    data_dir: str | None = None
+    progress: bool = False
+    _features: dict = field(default_factory=dict)
+
+    def trial_data(self, experiment: Experiment, features: Features) -> TrialData:
+        key = (experiment.train, experiment.test, features, self.settings.trials)
+        if key not in self._features:
+            self._features[key] = self._embed_trials(experiment, features)
+        return self._features[key]
+
+    def _embed_trials(self, experiment: Experiment, features: Features) -> TrialData:
+        from extractor.datasets import open_dataset
+        from extractor.embedder import Embedder
+        from extractor.jobs import run_embed_job
+
+        spec = features.spec(self.data_dir)
+        embedder = Embedder(spec, self.store)
+        start, computed, loaded = time.perf_counter(), 0, []
+        specs = [experiment.train.format(seed=t) for t in range(self.settings.trials)] + [experiment.test]
+        for data_spec in specs:
+            name = f"{spec.name}-{spec.fingerprint[:12]}/{data_spec}"
+            summary = run_embed_job(open_dataset(data_spec, self.data_dir), embedder, name, progress=self.progress)
+            computed += summary.computed
+            loaded.append(self.store.load_feature_set(name))
+        seconds = time.perf_counter() - start
+        log.info("%s: %s features for %d sets in %.1f s (%d computed)", experiment.name, spec.name, len(specs),
+                 seconds, computed)
+        (X_test, y_test, class_names), train = loaded[-1], loaded[:-1]
+        return TrialData(np.stack([x for x, _, _ in train]), np.stack([y for _, y, _ in train]), X_test, y_test,
+                         class_names, seconds, computed)
+
+    def run(self, experiment: Experiment) -> ExperimentResult:
+        rows, embedding = [], {}
+        for method in experiment.methods:
+            if method.beyond and not self.settings.beyond:
+                continue
+            log.info("%s: %s", experiment.name, method.name)
+            runner = {"head": self._run_head, "sklearn": self._run_sklearn, "scratch": self._run_scratch,
+                      "classic": self._run_classic}[method.kind]
+            rows.append(runner(experiment, method))
+            if method.features is not None and method.kind != "classic":
+                data = self.trial_data(experiment, method.features)
+                embedding[method.features.backbone + "/" + (method.features.recipe or "default")] = {
+                    "seconds": round(data.embed_seconds, 2), "computed": data.computed}
+        return ExperimentResult(experiment.name, experiment.description, rows,
+                                {"notes": list(experiment.notes), "embedding": embedding,
+                                 "timing": self._timing(experiment, rows)})
+
+    def _settings(self, method: Method, **extra) -> dict:
+        base = {"kind": method.kind, "model": method.model}
+        if method.features:
+            spec = method.features.spec(self.data_dir)
+            base["features"] = {"backbone": spec.name, "recipe": spec.recipe.name, "input_size": spec.input_size,
+                                "pooling": spec.pooling, "fingerprint": spec.fingerprint}
+        if method.epochs:
+            base |= {"epochs": self.settings.epochs_for(method), "batch_size": method.batch_size, "optimizer": "adam"}
+        return base | extra
+
+    def _run_head(self, experiment: Experiment, method: Method) -> MethodResult:
+        from classifiers.trainer import train_trials
+
+        data = self.trial_data(experiment, method.features)
+        seeds = list(range(len(data.X_trials)))
+        start = time.perf_counter()
+        results = train_trials(method.model, data.X_trials, data.y_trials, seeds, method.epochs, method.batch_size,
+                               validation_data=(data.X_test, data.y_test) if method.validate else None)
+        accuracies = [float(np.mean(r.predict(data.X_test) == data.y_test)) for r in results]
+        seconds = time.perf_counter() - start
+        return MethodResult(method.name, accuracies, seconds, self._settings(method, trials_seeds=seeds),
+                            method.lecture, [r.history for r in results])
+
+    def _run_sklearn(self, experiment: Experiment, method: Method) -> MethodResult:
+        from classifiers.baselines import make_head
+
+        data = self.trial_data(experiment, method.features)
+        start = time.perf_counter()
+        accuracies, chosen = [], []
+        for t, (X, y) in enumerate(zip(data.X_trials, data.y_trials)):
+            head = make_head(method.model, random_state=t).fit(X, y)
+            accuracies.append(float(head.score(data.X_test, data.y_test)))
+            chosen.append(getattr(head, "best_params_", None))
+        return MethodResult(method.name, accuracies, time.perf_counter() - start,
+                            self._settings(method, chosen_params=chosen), method.lecture)
+
+    def _pixels(self, data_spec: str, features: Features | None) -> tuple[np.ndarray, np.ndarray]:
+        """The model's input for a split: the backbone's recipe, or pixels / 255 for from-scratch CNNs."""
+        from extractor.datasets import open_dataset
+        from extractor.recipes import apply_recipe
+
+        x, y = open_dataset(data_spec, self.data_dir).arrays()
+        if features is None:
+            return x.astype(np.float32) / np.float32(255), y
+        spec = features.spec(self.data_dir)
+        return apply_recipe(spec.recipe, list(x), spec.input_size, spec.channels), y
+
+    def _run_scratch(self, experiment: Experiment, method: Method) -> MethodResult:
+        from classifiers.classic import cifar_cnn, fit_classic
+        from extractor.pretrain import mnist_cnn
+
+        x_test, y_test = self._pixels(experiment.test, None)
+        runs = []
+        for t in range(self.settings.trials_for(method)):
+            x, y = self._pixels(experiment.train.format(seed=t), None)
+            model = mnist_cnn(num_classes=len(np.unique(y))) if method.model == "mnist_cnn" else cifar_cnn(method.model)
+            runs.append(fit_classic(model, x, y, x_test, y_test, epochs=method.epochs, batch_size=method.batch_size,
+                                    seed=t))
+        return MethodResult(method.name, [r.accuracy for r in runs], sum(r.seconds for r in runs),
+                            self._settings(method, seconds_per_trial=[round(r.seconds, 2) for r in runs]),
+                            method.lecture, note="" if self.settings.full else
+                            f"{len(runs)} trials by default (FULL=1: {self.settings.trials})")
+
+    def _run_classic(self, experiment: Experiment, method: Method) -> MethodResult:
+        """The end-to-end model, timed; in the short default, over a few epochs, extrapolated per epoch."""
+        from classifiers.classic import fit_classic, freeze_and_retrain_model, pretrained_cnn_layers, vgg16_layers
+
+        spec = method.features.spec(self.data_dir)
+        x_test, y_test = self._pixels(experiment.test, method.features)
+        epochs = self.settings.epochs_for(method)
+        runs = []
+        for t in range(self.settings.trials_for(method)):
+            x, y = self._pixels(experiment.train.format(seed=t), method.features)
+            if spec.name == "mnist_cnn":
+                frozen, flatten = pretrained_cnn_layers(spec.weights_path), False
+            else:
+                frozen, flatten = vgg16_layers(spec.weights_path, spec.input_shape), True
+            model = freeze_and_retrain_model(frozen, spec.input_shape, method.model, len(np.unique(y)), flatten)
+            runs.append(fit_classic(model, x, y, x_test, y_test, epochs=epochs, batch_size=method.batch_size,
+                                    seed=t, validate=method.validate))
+        per_trial = float(np.median([r.seconds_per_epoch for r in runs])) * method.epochs
+        full_trials = epochs == method.epochs
+        note = "" if full_trials else (
+            f"timing only: {len(runs)} trial of {epochs} epoch(s), {per_trial:.0f} s per {method.epochs}-epoch "
+            f"trial extrapolated; FULL=1 runs {self.settings.trials} full trials")
+        return MethodResult(method.name, [r.accuracy for r in runs] if full_trials else [],
+                            sum(r.seconds for r in runs),
+                            self._settings(method, seconds_per_full_trial=round(per_trial, 2),
+                                           measured_epochs=epochs), method.lecture, note=note)
+
+    def _timing(self, experiment: Experiment, rows: list[MethodResult]) -> dict:
+        """Classic vs cached seconds for the experiment's full transfer table (15 trials of every head row)."""
+        classic = [r for r in rows if r.settings["kind"] == "classic"]
+        heads = [r for r in rows if r.settings["kind"] == "head"]
+        if not classic or not heads:
+            return {}
+        per_trial = classic[0].settings["seconds_per_full_trial"]
+        classic_total = per_trial * self.settings.trials * len(heads)
+        embedding = self.trial_data(experiment, next(m.features for m in experiment.methods if m.kind == "head"))
+        cached_total = embedding.embed_seconds + sum(r.seconds for r in heads)
+        return {"classic_full_table_seconds": round(classic_total, 1),
+                "cached_full_table_seconds": round(cached_total, 2),
+                "cached_embed_seconds": round(embedding.embed_seconds, 2),
+                "cached_train_seconds": round(sum(r.seconds for r in heads), 2),
+                "embedded_now": embedding.computed,
+                "speedup": round(classic_total / cached_total, 1)}
