@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PORT   ?= 50051
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-slow test-reliability protos bench serve clean
+.PHONY: help setup setup-ray run test test-slow test-reliability protos bench serve clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test,dev]'
 	touch $(STAMP)
+
+setup-ray: setup  ## add the optional Ray engine (embed --engine ray) to .venv
+	$(BIN)/python -m pip install -q -e '.[ray]'
 
 run: setup  ## the main job on the shared data (FULL=1 for the lecture's full settings)
 	$(BIN)/python -m extractor backbones
