@@ -16,9 +16,9 @@ EPILOG = """examples:
   python -m extractor pretrain mnist_cnn
   python -m extractor embed --backbone vgg16 --data cifar10:test --feature-set cifar10-test
   python -m extractor embed --backbone vgg16 --recipe caffe --input-size 64 --data folder:~/photos --feature-set photos
-  python -m extractor embed --engine ray --num-workers 4 --backbone vgg16 --data cifar10:train --feature-set cifar10-train
+  python -m extractor embed --engine ray --num-workers 4 --backbone vgg16 --data cifar10:train --feature-set c10
   python -m extractor store info
-  python -m extractor store import --store other.sqlite ~/.cache/extractor/shards/cifar10-train/manifest.json
+  python -m extractor store import --store other.sqlite ~/.cache/extractor/shards/c10/manifest.json
 """
 
 

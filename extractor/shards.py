@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from extractor import paths
 from extractor.errors import ChecksumError, InvalidInputError, StoreError
@@ -36,10 +38,9 @@ def feature_metadata(feature_set: str, fingerprint: str, data_spec: str, class_n
             "data_spec": data_spec, "backbone": json.dumps(backbone, sort_keys=True)}
 
 
-def feature_table(keys: Sequence[bytes], labels: np.ndarray, vectors: np.ndarray, metadata: dict[str, str]):
+def feature_table(keys: Sequence[bytes], labels: np.ndarray, vectors: np.ndarray,
+                  metadata: dict[str, str]) -> pa.Table:
     """Keys (n,) of 32 bytes, labels (n,) and vectors (n, d) float32 as a `pyarrow.Table` with `metadata`."""
-    import pyarrow as pa
-
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), type=pa.float32()), vectors.shape[1])
     table = pa.table({"key": pa.array(keys, type=pa.binary(KEY_BYTES)),
@@ -47,10 +48,8 @@ def feature_table(keys: Sequence[bytes], labels: np.ndarray, vectors: np.ndarray
     return table.replace_schema_metadata(metadata)
 
 
-def write_feature_table(table, path: str | os.PathLike) -> str:
+def write_feature_table(table: pa.Table, path: str | os.PathLike) -> str:
     """Write `table` to Parquet file `path` whole or not at all (temporary file, then rename); its sha256."""
-    import pyarrow.parquet as pq
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
@@ -234,8 +233,6 @@ def _import_plan(sources: list[Path]) -> tuple[dict[str, str], list[tuple[Path, 
 
 
 def _parquet_metadata(path: Path) -> dict[str, str]:
-    import pyarrow.parquet as pq
-
     if not path.is_file():
         raise InvalidInputError(f"file not found: {path}")
     try:
@@ -252,8 +249,6 @@ def _parquet_metadata(path: Path) -> dict[str, str]:
 
 def _read_rows(path: Path, fingerprint: str) -> Iterator[tuple[list[bytes], np.ndarray, np.ndarray]]:
     """Keys, labels (n,) and vectors (n, d) float32 of a shard or export, in batches of rows."""
-    import pyarrow.parquet as pq
-
     if _parquet_metadata(path)["fingerprint"] != fingerprint:
         raise InvalidInputError(f"{path} holds vectors of another backbone than its manifest")
     for batch in pq.ParquetFile(path).iter_batches(batch_size=IMPORT_BATCH_ROWS, columns=["key", "label", "vector"]):

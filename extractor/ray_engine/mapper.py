@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
+import pyarrow as pa
 
 from extractor.backbones import BackboneSpec, load_backbone
 from extractor.embedder import content_key
 from extractor.ray_engine.reader import unpack_images
-
-log = logging.getLogger(__name__)
 
 
 class ShardEmbedder:
@@ -22,18 +19,19 @@ class ShardEmbedder:
         self.batch_size = batch_size
         self.backbone = load_backbone(spec)
 
-    def __call__(self, shards):
+    def __call__(self, shards: pa.Table) -> pa.Table:
         """Rows with packed images -> the same rows with `keys` (n * 32 bytes) and `vectors` (n * d float32)."""
-        import pyarrow as pa
-
         keys, vectors = [], []
         for pixels, shapes in zip(shards["pixels"], shards["shapes"]):
             images = unpack_images(pixels.as_buffer(), shapes.values.to_numpy())
             keys.append(b"".join(content_key(self.fingerprint, image) for image in images))
-            vectors.append(np.concatenate(
-                [self.backbone.embed(images[i:i + self.batch_size]) for i in range(0, len(images), self.batch_size)]
-                or [np.empty((0, self.spec.output_dim), np.float32)]).tobytes())
+            vectors.append(self.embed(images).tobytes())
         return shards.drop_columns(["pixels", "shapes"]).append_column(
             "keys", pa.array(keys, pa.large_binary())).append_column(
             "vectors", pa.array(vectors, pa.large_binary())).append_column(
             "dim", pa.array([self.spec.output_dim] * len(keys), pa.int64()))
+
+    def embed(self, images: list[np.ndarray]) -> np.ndarray:
+        """(n, d) float32, `batch_size` images at a time: a whole shard preprocessed at once may not fit."""
+        chunks = [self.backbone.embed(images[i:i + self.batch_size]) for i in range(0, len(images), self.batch_size)]
+        return np.concatenate(chunks) if chunks else np.empty((0, self.spec.output_dim), np.float32)

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import logging
 import threading
 from dataclasses import asdict
 
 import numpy as np
+import pyarrow as pa
 
 from extractor.datasets import Dataset, open_dataset
-
-log = logging.getLogger(__name__)
 
 _opened: dict[tuple[str, str | None], Dataset] = {}
 _open_lock = threading.Lock()
@@ -30,7 +28,7 @@ def pack_images(images: list[np.ndarray]) -> tuple[bytes, list[int]]:
     return b"".join(image.tobytes() for image in images), [side for image in images for side in image.shape]
 
 
-def unpack_images(pixels, shapes) -> list[np.ndarray]:
+def unpack_images(pixels, shapes: np.ndarray) -> list[np.ndarray]:
     """The inverse of `pack_images`: a buffer and flat (H, W, C) shapes -> canonical uint8 images."""
     flat = np.frombuffer(pixels, dtype=np.uint8)
     images, offset = [], 0
@@ -41,14 +39,12 @@ def unpack_images(pixels, shapes) -> list[np.ndarray]:
     return images
 
 
-def read_shards(shards, *, data_spec: str, data_dir: str | None):
+def read_shards(shards: pa.Table, *, data_spec: str, data_dir: str | None) -> pa.Table:
     """Rows (shard, start, stop) -> the same rows with labels, shapes, pixels and the items skipped (JSON).
 
     Items are read by the dataset's own loader, so pixels, and therefore content keys, are those of
     the local engine; an unreadable item is recorded as skipped, as the local engine records it.
     """
-    import pyarrow as pa
-
     dataset = open_once(data_spec, data_dir)
     labels, shapes, pixels, skipped = [], [], [], []
     for start, stop in zip(shards["start"].to_pylist(), shards["stop"].to_pylist()):

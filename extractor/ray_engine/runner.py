@@ -105,7 +105,7 @@ def run_ray_embed_job(dataset: Dataset, spec: BackboneSpec, store: EmbeddingStor
     if pending:
         with ray_session(options):
             for record in _embed_shards(pending, manifest, spec, shards_dir, options, batch_size,
-                                        str(paths.data_dir(data_dir)), progress, mapper):
+                                        str(paths.data_dir(data_dir).absolute()), progress, mapper):
                 manifest.add(record)
                 manifest.save(shards_dir / MANIFEST_NAME)
                 summary.computed += record.rows

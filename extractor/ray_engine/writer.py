@@ -6,20 +6,19 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from extractor.shards import KEY_BYTES, feature_table, shard_file_name, write_feature_table
 
 log = logging.getLogger(__name__)
 
 
-def write_shards(shards, *, directory: str, shard_size: int, metadata: dict[str, str]):
+def write_shards(shards: pa.Table, *, directory: str, shard_size: int, metadata: dict[str, str]) -> pa.Table:
     """Rows with keys and vectors -> rows (start, stop, file, rows, sha256, skipped) of the files written.
 
     A file is written whole under a temporary name and renamed, so a retried or killed writer never
     leaves a half shard under a real name.
     """
-    import pyarrow as pa
-
     records = {"start": [], "stop": [], "file": [], "rows": [], "sha256": [], "skipped": []}
     for row in shards.to_pylist():
         keys = [row["keys"][i:i + KEY_BYTES] for i in range(0, len(row["keys"]), KEY_BYTES)]
