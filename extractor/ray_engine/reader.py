@@ -40,7 +40,7 @@ def unpack_images(pixels, shapes: np.ndarray) -> list[np.ndarray]:
 
 
 def read_shards(shards: pa.Table, *, data_spec: str, data_dir: str | None) -> pa.Table:
-    """Rows (shard, start, stop) -> the same rows with labels, shapes, pixels and the items skipped (JSON).
+    """Rows (start, stop) -> the same rows with labels, shapes, pixels and the items skipped (JSON).
 
     Items are read by the dataset's own loader, so pixels, and therefore content keys, are those of
     the local engine; an unreadable item is recorded as skipped, as the local engine records it.
@@ -56,7 +56,7 @@ def read_shards(shards: pa.Table, *, data_spec: str, data_dir: str | None) -> pa
         shapes.append(sides)
         pixels.append(packed)
         skipped.append(json.dumps([asdict(s) for s in items.skipped]))
-    return shards.select(["shard", "start", "stop"]).append_column(
+    return shards.select(["start", "stop"]).append_column(
         "labels", pa.array(labels, pa.list_(pa.int64()))).append_column(
         "shapes", pa.array(shapes, pa.list_(pa.int32()))).append_column(
         "pixels", pa.array(pixels, pa.large_binary())).append_column(

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,9 +26,11 @@ from extractor.store import EmbeddingStore
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'frozen-features[ray]' (or `make setup-ray` in a checkout)"
-# A map task that raised (a flaky shared disk, say) runs again this many times before the job fails;
-# an actor that died (out of memory, a lost node) is replaced and its batch retried, Ray Data's default.
+# A shard whose map task raised (a flaky shared disk, say) runs again this many times.
 MAP_RETRIES = 2
+# A shard whose actor died (killed for memory, a lost node) runs again on a new actor this many
+# times; Ray Data's default is forever, which would loop on a shard that kills every actor.
+ACTOR_TASK_RETRIES = 3
 # Actors that die while building the backbone, in a row, before the job gives up.
 ACTOR_INIT_DEATHS = 3
 
@@ -130,18 +133,21 @@ def _embed_shards(pending: list[tuple[int, int]], manifest: Manifest, spec: Back
     context.max_map_retries = MAP_RETRIES
     context.max_consecutive_actor_init_deaths = ACTOR_INIT_DEATHS
     # One row per shard, one block per row, so shards spread over the actors from the start.
-    plan = ray.data.from_items([{"shard": start // options.shard_size, "start": start, "stop": stop}
-                                for start, stop in pending], override_num_blocks=len(pending))
-    written = (
-        plan.map_batches(read_shards, batch_size=1, batch_format="pyarrow",
-                         fn_kwargs={"data_spec": manifest.data_spec, "data_dir": data_dir})
-        .map_batches(mapper, batch_size=1, batch_format="pyarrow",
-                     compute=ray.data.ActorPoolStrategy(size=options.num_workers),
-                     fn_constructor_kwargs={"spec": spec, "batch_size": batch_size})
-        .map_batches(write_shards, batch_size=1, batch_format="pyarrow",
-                     fn_kwargs={"directory": str(shards_dir.resolve()), "shard_size": options.shard_size,
-                                "metadata": manifest.metadata})
-    )
+    plan = ray.data.from_items([{"start": start, "stop": stop} for start, stop in pending],
+                               override_num_blocks=len(pending))
+    packed = plan.map_batches(read_shards, batch_size=1, batch_format="pyarrow",
+                              fn_kwargs={"data_spec": manifest.data_spec, "data_dir": data_dir})
+    with warnings.catch_warnings():
+        # Ray 2.60 takes the actor retry limits only as `ray_remote_args`, deprecated for 2.64
+        # (hence the extra's `<2.64`); the named options that replace them are not there yet.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        embedded = packed.map_batches(mapper, batch_size=1, batch_format="pyarrow",
+                                      compute=ray.data.ActorPoolStrategy(size=options.num_workers),
+                                      fn_constructor_kwargs={"spec": spec, "batch_size": batch_size},
+                                      max_restarts=-1, max_task_retries=ACTOR_TASK_RETRIES)
+    written = embedded.map_batches(write_shards, batch_size=1, batch_format="pyarrow",
+                                   fn_kwargs={"directory": str(shards_dir.resolve()),
+                                              "shard_size": options.shard_size, "metadata": manifest.metadata})
     for row in written.iter_rows():
         yield ShardRecord(row["file"], row["start"], row["stop"], row["rows"], row["sha256"],
                           json.loads(row["skipped"]))
