@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PORT   ?= 50051
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-slow test-reliability protos bench serve clean
+.PHONY: help setup setup-ray run test test-ray test-slow test-reliability protos bench serve clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -19,11 +19,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test,dev]'
 	touch $(STAMP)
 
+setup-ray: setup  ## add the optional Ray engine (embed --engine ray) to .venv
+	$(BIN)/python -m pip install -q -e '.[ray]'
+
 run: setup  ## the main job on the shared data (FULL=1 for the lecture's full settings)
 	$(BIN)/python -m extractor backbones
 
 test: setup  ## the default (fast) tests
 	$(BIN)/python -m pytest -q
+
+test-ray: setup-ray  ## the Ray engine's tests (they are skipped by `make test` when Ray is absent)
+	$(BIN)/python -m pytest -q tests/test_ray_engine.py
 
 test-slow: setup  ## the heavy tests (full datasets, long training)
 	$(BIN)/python -m pytest -q -m slow

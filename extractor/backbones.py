@@ -239,7 +239,7 @@ def get_backbone_spec(name: str, *, input_size: int | None = None, recipe: str |
     elif name == "mnist_cnn":
         path = paths.cache_dir() / "models" / spec.weights_file
     else:
-        path = paths.data_dir(data_dir) / spec.weights_file
+        path = (paths.data_dir(data_dir) / spec.weights_file).absolute()  # Ray workers open it from another cwd
     sha256 = weights_sha256 or _listed_sha256(path)
     return dataclasses.replace(spec, weights_path=str(path), weights_sha256=sha256 and sha256.lower())
 

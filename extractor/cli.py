@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from extractor.errors import ExtractorError
+from extractor.errors import ExtractorError, InvalidInputError
 
 log = logging.getLogger("extractor")
 
@@ -16,7 +16,9 @@ EPILOG = """examples:
   python -m extractor pretrain mnist_cnn
   python -m extractor embed --backbone vgg16 --data cifar10:test --feature-set cifar10-test
   python -m extractor embed --backbone vgg16 --recipe caffe --input-size 64 --data folder:~/photos --feature-set photos
+  python -m extractor embed --engine ray --num-workers 4 --backbone vgg16 --data cifar10:train --feature-set c10
   python -m extractor store info
+  python -m extractor store import --store other.sqlite ~/.cache/extractor/shards/c10/manifest.json
 """
 
 
@@ -36,6 +38,30 @@ def spec_from_args(args: argparse.Namespace):
 
     return get_backbone_spec(args.backbone, input_size=args.input_size, recipe=args.recipe, pooling=args.pooling,
                              weights=args.weights, weights_sha256=args.weights_sha256, data_dir=args.data_dir)
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    """The options that run `embed` on Ray Data instead of in this process."""
+    group = parser.add_argument_group("engine (Ray options need `pip install .[ray]`)")
+    group.add_argument("--engine", choices=["local", "ray"], default="local",
+                       help="local: in this process (default); ray: on Ray Data, into Parquet shards, then imported")
+    group.add_argument("--address", help="Ray cluster to join, e.g. HEAD:6379 or auto (default: start Ray in-process)")
+    group.add_argument("--num-workers", type=int, help="backbone actors, one CPU each (default 2)")
+    group.add_argument("--shards-dir", help="folder for the Parquet shards and manifest.json, on storage every "
+                                            "node shares (default: per feature set in the user cache)")
+    group.add_argument("--shard-size", type=int, help="dataset items per shard (default 1024)")
+
+
+def add_store_import(store_commands) -> None:
+    action = store_commands.add_parser(
+        "import", help="load Parquet shards (a Ray job's, or an export) into the store as a feature set",
+        description="Load a shards folder or its manifest.json (each shard checked against the sha256 it "
+                    "lists), or Parquet files in order, as a feature set; vectors already stored are kept.")
+    action.add_argument("sources", nargs="+", metavar="SHARDS_OR_MANIFEST",
+                        help="a shards folder, its manifest.json, or Parquet files")
+    action.add_argument("--store", help="store file (env EXTRACTOR_STORE; default in the user cache)")
+    action.add_argument("--feature-set", help="name to import as (default: the name the shards record)")
+    action.set_defaults(run=cmd_store_import)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--limit", type=int, help="embed only the first N images")
     embed.add_argument("--json", action="store_true", help="print the summary as JSON")
     embed.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_engine_options(embed)
     embed.set_defaults(run=cmd_embed)
 
     store = commands.add_parser("store", help="inspect and maintain the store")
@@ -91,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
             action.add_argument("--dry-run", action="store_true", help="count, delete nothing")
         if name == "info":
             action.add_argument("--json", action="store_true")
+    add_store_import(store_commands)
     return parser
 
 
@@ -126,12 +154,56 @@ def cmd_embed(args) -> int:
     from extractor.jobs import run_embed_job
     from extractor.store import EmbeddingStore
 
+    if uses_ray_engine(args):
+        return cmd_embed_ray(args)
     spec = spec_from_args(args)
     dataset = open_dataset(args.data, args.data_dir)
     with EmbeddingStore(paths.store_path(args.store)) as store:
         summary = run_embed_job(dataset, Embedder(spec, store), args.feature_set, batch_size=args.batch_size,
                                 limit=args.limit, progress=not args.no_progress and sys.stderr.isatty())
     print(json.dumps(summary.as_dict(), indent=2) if args.json else "\n".join(summary.lines()))
+    return 0
+
+
+def uses_ray_engine(args) -> bool:
+    """Whether `embed` runs on Ray; Ray options given to the local engine are an error, not ignored."""
+    given = [flag for flag, value in (("--address", args.address), ("--num-workers", args.num_workers),
+                                      ("--shards-dir", args.shards_dir), ("--shard-size", args.shard_size))
+             if value is not None]
+    if args.engine != "ray" and given:
+        raise InvalidInputError(f"{', '.join(given)} only apply with --engine ray")
+    return args.engine == "ray"
+
+
+def cmd_embed_ray(args) -> int:
+    from extractor import paths
+    from extractor.datasets import open_dataset
+    from extractor.ray_engine.runner import RayOptions, import_ray, run_ray_embed_job
+    from extractor.store import EmbeddingStore
+
+    import_ray()  # before any work, so a missing extra fails at once with the install command
+    options = RayOptions(**{name: value for name, value in (
+        ("address", args.address), ("num_workers", args.num_workers), ("shard_size", args.shard_size))
+        if value is not None})
+    spec = spec_from_args(args)
+    dataset = open_dataset(args.data, args.data_dir)
+    with EmbeddingStore(paths.store_path(args.store)) as store:
+        summary = run_ray_embed_job(dataset, spec, store, args.feature_set,
+                                    paths.shards_dir(args.shards_dir, args.feature_set), options,
+                                    batch_size=args.batch_size, limit=args.limit, data_dir=args.data_dir,
+                                    progress=not args.no_progress and sys.stderr.isatty())
+    print(json.dumps(summary.as_dict(), indent=2) if args.json else "\n".join(summary.lines()))
+    return 0
+
+
+def cmd_store_import(args) -> int:
+    from extractor import paths
+    from extractor.shards import import_shards
+    from extractor.store import EmbeddingStore
+
+    with EmbeddingStore(paths.store_path(args.store)) as store:
+        summary = import_shards(store, args.sources, args.feature_set)
+    print("\n".join(summary.lines()))
     return 0
 
 

@@ -36,5 +36,9 @@ class StoreError(ExtractorError):
     """A file that is not an embedding store, or a store that failed an integrity check."""
 
 
+class MissingDependencyError(ExtractorError):
+    """An optional feature whose extra packages are not installed (the message says how to install them)."""
+
+
 class NotReadyError(ExtractorError):
     """The service is starting up or shutting down."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 from extractor.errors import ChecksumError, InvalidInputError
@@ -47,6 +48,13 @@ def store_path(override: str | os.PathLike | None = None) -> Path:
     if os.environ.get("EXTRACTOR_STORE"):
         return Path(os.environ["EXTRACTOR_STORE"]).expanduser()
     return cache_dir() / "store.sqlite"
+
+
+def shards_dir(override: str | os.PathLike | None, feature_set: str) -> Path:
+    """The folder for a Ray job's Parquet shards and manifest (default: per feature set in the cache)."""
+    if override:
+        return Path(override).expanduser()
+    return cache_dir() / "shards" / re.sub(r"[^A-Za-z0-9._-]", "_", feature_set)
 
 
 def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:

@@ -376,18 +376,11 @@ def export_feature_set(store: EmbeddingStore, name: str, out: str | os.PathLike,
         written[3].write_text(json.dumps(class_names))
         return written
     if fmt == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        from extractor.shards import feature_metadata, feature_table, write_feature_table
 
-        vectors = pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1), type=pa.float32()), X.shape[1])
-        table = pa.table({"key": pa.array(keys, type=pa.binary(32)), "label": pa.array(y, type=pa.int64()),
-                          "vector": vectors})
         info = store.feature_set(name)
-        table = table.replace_schema_metadata({
-            "feature_set": name, "class_names": json.dumps(class_names), "fingerprint": info.fingerprint,
-            "data_spec": info.data_spec})
-        out.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, out)
+        write_feature_table(feature_table(keys, y, X, feature_metadata(
+            name, info.fingerprint, info.data_spec, class_names, info.backbone)), out)
         return [out]
     raise UnknownNameError("export format", fmt, ["npy", "parquet"])
 
