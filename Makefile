@@ -22,8 +22,8 @@ $(STAMP): pyproject.toml
 setup-ray: setup  ## add the optional Ray engine (embed --engine ray) to .venv
 	$(BIN)/python -m pip install -q -e '.[ray]'
 
-run: setup  ## the main job on the shared data (FULL=1 for the lecture's full settings)
-	$(BIN)/python -m extractor backbones
+run: setup  ## the lecture's three experiments on the shared data (FULL=1: every row at full settings, hours)
+	$(BIN)/python -m classifiers run $(if $(FULL),--full)
 
 test: setup  ## the default (fast) tests
 	$(BIN)/python -m pytest -q
