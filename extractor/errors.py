@@ -38,3 +38,7 @@ class StoreError(ExtractorError):
 
 class NotReadyError(ExtractorError):
     """The service is starting up or shutting down."""
+
+
+class AuthenticationError(ExtractorError):
+    """A call to the service without the right credentials."""
