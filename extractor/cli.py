@@ -200,6 +200,8 @@ def add_service_commands(commands) -> None:
     serve.add_argument("--max-batch", type=int, default=128, help="images per backbone call (default 128)")
     serve.add_argument("--max-wait-ms", type=float, default=5.0,
                        help="how long the first waiting image waits for others to batch with (default 5)")
+    serve.add_argument("--hot-cache-mb", type=float, default=256,
+                       help="recently used vectors kept in memory in front of the store (default 256)")
     limits = serve.add_argument_group("limits (defaults: extractor.service.Limits; the server logs them)")
     limits.add_argument("--max-images", type=int, help="images (or keys) per request")
     limits.add_argument("--max-message-mb", type=float, help="MiB per message, either direction")
@@ -231,7 +233,8 @@ def cmd_serve(args) -> int:
     limits = Limits(**{name: value for name, value in given.items() if value is not None})
     token, tls = read_token(args.token_file), read_tls(args.tls_cert, args.tls_key)
     service = FeatureService(specs, EmbeddingStore(paths.store_path(args.store)), limits=limits,
-                             max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000, heads_dir=args.heads)
+                             max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000, heads_dir=args.heads,
+                             hot_bytes=int(args.hot_cache_mb * 2**20))
     return serve(service, host=args.host, port=args.port, token=token, tls=tls, grace=args.grace)
 
 

@@ -24,6 +24,9 @@ MAX_BACKOFF = 2.0  # seconds between retries, at most
 HEADROOM = 64 * 1024  # bytes a request keeps free of images under the message limit (framing, names)
 
 ImageLike = np.ndarray | bytes | str | os.PathLike  # pixels, an encoded file's bytes, or a file path
+# Images for one call: a sequence of ImageLike, or one stacked uint8 array (n, H, W[, C]), which travels
+# as `batch` tensors, without a message per image.
+Images = Sequence[ImageLike] | np.ndarray
 
 
 class RemoteError(ExtractorError):
@@ -60,11 +63,15 @@ class ClassifyResult:
     errors: list[ImageFailure]
 
 
+def tensor(array: np.ndarray) -> pb.Tensor:
+    """Raw pixels as they are; the server checks dtype and shape."""
+    return pb.Tensor(data=array.tobytes(), shape=array.shape, dtype=array.dtype.name)
+
+
 def image_message(image: ImageLike) -> pb.Image:
-    """An array is sent as raw pixels (the server checks dtype and shape); bytes and paths as encoded files."""
+    """An array is sent as raw pixels, bytes and paths as encoded files."""
     if isinstance(image, np.ndarray):
-        return pb.Image(pixels=pb.Tensor(data=np.ascontiguousarray(image).tobytes(), shape=image.shape,
-                                         dtype=str(image.dtype)))
+        return pb.Image(pixels=tensor(image))
     if isinstance(image, bytes):
         return pb.Image(encoded=image)
     return pb.Image(encoded=Path(image).read_bytes())
@@ -151,30 +158,35 @@ class FeatureClient:
             self._limits = self.backbones()[0].limits
         return self._limits
 
-    def _requests(self, images: Sequence[ImageLike]) -> Iterator[tuple[int, list[pb.Image]]]:
-        """(offset, images) per request, within the server's images-per-request and message-size limits."""
+    def _requests(self, images: Images) -> Iterator[tuple[int, dict]]:
+        """(offset, request fields) per request, within the server's images-per-request and message-size limits."""
         limits = self.limits()
         budget = max(limits.max_message_bytes - HEADROOM, 1)
+        if isinstance(images, np.ndarray):
+            per_request = min(limits.max_images_per_request, max(budget // max(images[0:1].nbytes, 1), 1))
+            for start in range(0, max(len(images), 1), per_request):
+                yield start, {"batch": tensor(images[start:start + per_request])}
+            return
         batch: list[pb.Image] = []
         size = start = 0
         for i, image in enumerate(images):
             message = image_message(image)
             if batch and (len(batch) == limits.max_images_per_request or size + message.ByteSize() > budget):
-                yield start, batch
+                yield start, {"images": batch}
                 batch, size, start = [], 0, i
             batch.append(message)
             size += message.ByteSize()
         if batch or not images:
-            yield start, batch
+            yield start, {"images": batch}
 
     # --- embedding -----------------------------------------------------------------------------------
 
-    def embed(self, backbone: str, images: Sequence[ImageLike], *, all_or_nothing: bool = False,
+    def embed(self, backbone: str, images: Images, *, all_or_nothing: bool = False,
               timeout: float | None = None) -> EmbedResult:
         """Vectors (n, d) float32 of `images`, split into as many requests as the server's limits need."""
         parts = []
-        for offset, batch in self._requests(images):
-            request = pb.EmbedRequest(backbone=backbone, images=batch, all_or_nothing=all_or_nothing)
+        for offset, fields in self._requests(images):
+            request = pb.EmbedRequest(backbone=backbone, all_or_nothing=all_or_nothing, **fields)
             part = _embed_result(self._unary(self.stub.Embed, request, timeout))
             for failure in part.errors:
                 failure.index += offset
@@ -183,12 +195,16 @@ class FeatureClient:
                            np.concatenate([p.cached for p in parts]), [k for p in parts for k in p.keys],
                            [f for p in parts for f in p.errors])
 
-    def embed_stream(self, backbone: str, images: Iterable[ImageLike], *, chunk_size: int = 64,
+    def embed_stream(self, backbone: str, images: Iterable[ImageLike] | np.ndarray, *, chunk_size: int = 64,
                      timeout: float | None = None) -> Iterator[EmbedResult]:
         """Stream any number of images in chunks of `chunk_size`; yields one result per chunk, in order
         (`offset` says where it starts; error indices count from the stream's first image).
-        `timeout` bounds the whole stream (default: none)."""
+        A stacked array (n, H, W[, C]) goes as `batch` tensors. `timeout` bounds the whole stream (default: none)."""
         def requests() -> Iterator[pb.EmbedRequest]:
+            if isinstance(images, np.ndarray):
+                for start in range(0, len(images), chunk_size):
+                    yield pb.EmbedRequest(backbone=backbone, batch=tensor(images[start:start + chunk_size]))
+                return
             chunk: list[pb.Image] = []
             for image in images:
                 chunk.append(image_message(image))
@@ -211,12 +227,12 @@ class FeatureClient:
         response = self._unary(self.stub.GetEmbeddings, request, timeout)
         return as_matrix(response.vectors), np.array(response.found, dtype=bool)
 
-    def classify(self, head: str, images: Sequence[ImageLike], *, all_or_nothing: bool = False,
+    def classify(self, head: str, images: Images, *, all_or_nothing: bool = False,
                  timeout: float | None = None) -> ClassifyResult:
         """A saved head's class probabilities (n, k) for `images`, with the most probable label of each."""
         parts = []
-        for offset, batch in self._requests(images):
-            request = pb.ClassifyRequest(head=head, images=batch, all_or_nothing=all_or_nothing)
+        for offset, fields in self._requests(images):
+            request = pb.ClassifyRequest(head=head, all_or_nothing=all_or_nothing, **fields)
             response = self._unary(self.stub.Classify, request, timeout)
             parts.append((response, _failures(response.errors, offset)))
         return ClassifyResult(list(parts[0][0].class_names),

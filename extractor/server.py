@@ -53,9 +53,16 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
 
 # --- protobuf <-> numpy ---------------------------------------------------------------------------------
 
+def raw_pixels(tensor: pb.Tensor) -> RawPixels:
+    return RawPixels(tensor.data, tuple(tensor.shape), tensor.dtype)
+
+
 def images_from(messages) -> list[bytes | RawPixels]:
-    return [RawPixels(m.pixels.data, tuple(m.pixels.shape), m.pixels.dtype) if m.WhichOneof("content") == "pixels"
-            else m.encoded for m in messages]
+    return [raw_pixels(m.pixels) if m.WhichOneof("content") == "pixels" else m.encoded for m in messages]
+
+
+def batch_from(request) -> RawPixels | None:
+    return raw_pixels(request.batch) if request.HasField("batch") else None
 
 
 def matrix(array: np.ndarray) -> pb.Matrix:
@@ -103,12 +110,13 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         return self._backbone(self.service.backbone(request.name))
 
     def Embed(self, request, context):
-        outcome = self.service.embed(request.backbone, images_from(request.images),
+        outcome = self.service.embed(request.backbone, images_from(request.images), batch=batch_from(request),
                                      all_or_nothing=request.all_or_nothing, call=call_from(context))
         return embed_response(outcome)
 
     def EmbedStream(self, request_iterator, context):
-        requests = (StreamRequest(r.backbone, images_from(r.images), r.all_or_nothing) for r in request_iterator)
+        requests = (StreamRequest(r.backbone, images_from(r.images), r.all_or_nothing, batch_from(r))
+                    for r in request_iterator)
         for outcome in self.service.embed_stream(requests, call_from(context)):
             yield embed_response(outcome)
 
@@ -123,7 +131,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             for head in self.service.list_heads()])
 
     def Classify(self, request, context):
-        outcome = self.service.classify(request.head, images_from(request.images),
+        outcome = self.service.classify(request.head, images_from(request.images), batch=batch_from(request),
                                         all_or_nothing=request.all_or_nothing, call=call_from(context))
         return pb.ClassifyResponse(class_names=outcome.class_names, probabilities=matrix(outcome.probabilities),
                                    labels=outcome.labels, cached=outcome.cached.tolist(),

@@ -6,7 +6,7 @@ import logging
 import math
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
@@ -47,7 +47,7 @@ class RawPixels:
     dtype: str
 
 
-ImageInput = bytes | RawPixels  # bytes: an encoded file (PNG, JPEG, ...)
+ImageInput = bytes | RawPixels | np.ndarray  # bytes: an encoded file; an array: one image of a batch
 
 
 @dataclass(frozen=True)
@@ -122,20 +122,28 @@ def load_heads(directory: str | Path, loader: HeadLoader) -> dict[str, Head]:
     return heads
 
 
+def raw_array(raw: RawPixels, *, batch: bool = False) -> np.ndarray:
+    """Bytes with a shape -> a uint8 array: one image (H, W[, C]), or a batch of n images (n, H, W[, C])."""
+    what, ndims, expected = ("batch", (3, 4), "(n, H, W) or (n, H, W, C)") if batch else \
+        ("pixel", (2, 3), "(H, W) or (H, W, C)")
+    shape = tuple(raw.shape)
+    if raw.dtype not in ("uint8", ""):
+        raise InvalidInputError(f"{what} dtype must be uint8, got {raw.dtype!r}")
+    if len(shape) not in ndims:
+        raise InvalidInputError(f"{what} shape must be {expected}, got {shape}")
+    if math.prod(shape) != len(raw.data):
+        raise InvalidInputError(f"{len(raw.data)} bytes of {what} data do not fill shape {shape}")
+    return np.frombuffer(raw.data, dtype=np.uint8).reshape(shape)
+
+
 def to_pixels(image: ImageInput, max_pixels: int) -> np.ndarray:
     """One request image -> canonical uint8 (H, W, C); raises InvalidInputError or LimitExceededError."""
-    if not isinstance(image, RawPixels):
+    if isinstance(image, bytes):
         return decode_image(image, max_pixels)
-    if image.dtype not in ("uint8", ""):
-        raise InvalidInputError(f"pixel dtype must be uint8, got {image.dtype!r}")
-    shape = tuple(image.shape)
-    if len(shape) not in (2, 3):
-        raise InvalidInputError(f"pixel shape must be (H, W) or (H, W, C), got {shape}")
-    if shape[0] * shape[1] > max_pixels:
-        raise LimitExceededError("decoded pixels", shape[0] * shape[1], max_pixels)
-    if math.prod(shape) != len(image.data):
-        raise InvalidInputError(f"{len(image.data)} bytes of pixels do not fill shape {shape}")
-    return canonical_pixels(np.frombuffer(image.data, dtype=np.uint8).reshape(shape))
+    array = raw_array(image) if isinstance(image, RawPixels) else image
+    if array.shape[0] * array.shape[1] > max_pixels:
+        raise LimitExceededError("decoded pixels", array.shape[0] * array.shape[1], max_pixels)
+    return canonical_pixels(array)
 
 
 def at_index(index: int, error: ExtractorError) -> ExtractorError:
@@ -143,6 +151,39 @@ def at_index(index: int, error: ExtractorError) -> ExtractorError:
     if isinstance(error, LimitExceededError):
         return LimitExceededError(f"image {index}: {error.limit}", error.value, error.maximum)
     return type(error)(f"image {index}: {error}")
+
+
+class HotVectors:
+    """The most recently used stored vectors, in memory up to `max_bytes`, in front of the store.
+
+    Reading a vector from SQLite costs a B-tree walk and an overflow-page read; repeated hits skip
+    that. Keys are content hashes, so an entry can never be stale.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._vectors: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get_many(self, keys: Sequence[bytes]) -> dict[bytes, np.ndarray]:
+        found = {}
+        with self._lock:
+            for key in keys:
+                vector = self._vectors.get(key)
+                if vector is not None:
+                    self._vectors.move_to_end(key)
+                    found[key] = vector
+        return found
+
+    def put_many(self, vectors: dict[bytes, np.ndarray]) -> None:
+        with self._lock:
+            for key, vector in vectors.items():
+                if key not in self._vectors:
+                    self._bytes += vector.nbytes
+                self._vectors[key] = vector
+            while self._bytes > self.max_bytes and self._vectors:
+                self._bytes -= self._vectors.popitem(last=False)[1].nbytes
 
 
 @dataclass
@@ -303,6 +344,7 @@ class StreamRequest:
     backbone: str  # empty: the previous request's
     images: Sequence[ImageInput]
     all_or_nothing: bool = False
+    batch: RawPixels | None = None
 
 
 class FeatureService:
@@ -317,7 +359,7 @@ class FeatureService:
                  max_batch: int = 128, max_wait: float = 0.005, heads_dir: str | Path | None = None,
                  head_loader: HeadLoader = load_saved_head,
                  backbone_loader: Callable[[BackboneSpec], FrozenBackbone] = load_backbone,
-                 stream_window: int = 4):
+                 stream_window: int = 4, hot_bytes: int = 256 * 2**20):
         if not specs:
             raise InvalidInputError("the service needs at least one backbone")
         if max_batch < 1 or max_wait < 0:
@@ -328,6 +370,7 @@ class FeatureService:
         self.max_batch, self.max_wait = max_batch, max_wait
         self.heads_dir, self.head_loader, self.backbone_loader = heads_dir, head_loader, backbone_loader
         self.stream_window = stream_window
+        self.hot = HotVectors(hot_bytes)
         self.served: dict[str, ServedBackbone] = {}
         self.heads: dict[str, Head] = {}
         self._ready = threading.Event()
@@ -392,17 +435,21 @@ class FeatureService:
 
     # --- embedding -----------------------------------------------------------------------------------
 
-    def begin_embed(self, backbone: str, images: Sequence[ImageInput], *, all_or_nothing: bool = False,
-                    call: Call = Call(), offset: int = 0) -> PendingEmbed:
-        """Check and decode the images, answer what the store holds, queue the rest for the backbone.
+    def begin_embed(self, backbone: str, images: Sequence[ImageInput], *, batch: RawPixels | None = None,
+                    all_or_nothing: bool = False, call: Call = Call(), offset: int = 0) -> PendingEmbed:
+        """Check and decode the images (`images`, then those of `batch`), answer what the store holds,
+        queue the rest for the backbone.
 
         A bad image is recorded against its index (`offset` + position) and the others go on, unless
-        `all_or_nothing`, which raises the first image's error instead.
+        `all_or_nothing`, which raises the first image's error instead. A malformed batch fails the call.
         """
         self._require_ready()
         served = self._served(backbone)
-        if len(images) > self.limits.max_images_per_request:
-            raise LimitExceededError("images per request", len(images), self.limits.max_images_per_request)
+        stacked = raw_array(batch, batch=True) if batch is not None else ()
+        count = len(images) + len(stacked)
+        if count > self.limits.max_images_per_request:
+            raise LimitExceededError("images per request", count, self.limits.max_images_per_request)
+        images = [*images, *stacked]
         pending = PendingEmbed(served, len(images), offset, call)
         pixels = []
         for i, image in enumerate(images):
@@ -415,7 +462,7 @@ class FeatureService:
                 continue
             pending.good.append(i)
         pending.keys = served.embedder.keys(pixels)
-        pending.stored = self.store.get_many(pending.keys)
+        pending.stored = self._stored(pending.keys)
         pending.missing = [j for j, key in enumerate(pending.keys) if key not in pending.stored]
         if pending.missing:
             if call.expired():
@@ -423,10 +470,10 @@ class FeatureService:
             pending.future = served.batcher.submit([pixels[j] for j in pending.missing], call)
         return pending
 
-    def embed(self, backbone: str, images: Sequence[ImageInput], *, all_or_nothing: bool = False,
-              call: Call = Call()) -> EmbedOutcome:
-        """Get-or-compute the (n, d) float32 vectors of `images` (see `begin_embed`)."""
-        return self.begin_embed(backbone, images, all_or_nothing=all_or_nothing, call=call).result()
+    def embed(self, backbone: str, images: Sequence[ImageInput], *, batch: RawPixels | None = None,
+              all_or_nothing: bool = False, call: Call = Call()) -> EmbedOutcome:
+        """Get-or-compute the (n, d) float32 vectors of `images` and `batch` (see `begin_embed`)."""
+        return self.begin_embed(backbone, images, batch=batch, all_or_nothing=all_or_nothing, call=call).result()
 
     def embed_stream(self, requests: Iterable[StreamRequest], call: Call = Call()) -> Iterator[EmbedOutcome]:
         """One outcome per request, in order; up to `stream_window` later requests are decoded, looked up
@@ -435,9 +482,10 @@ class FeatureService:
             backbone, offset = "", 0
             for request in requests:
                 backbone = request.backbone or backbone
-                yield self.begin_embed(backbone, request.images, all_or_nothing=request.all_or_nothing,
-                                       call=call, offset=offset)
-                offset += len(request.images)
+                pending = self.begin_embed(backbone, request.images, batch=request.batch,
+                                           all_or_nothing=request.all_or_nothing, call=call, offset=offset)
+                offset += pending.count
+                yield pending
 
         for pending in prefetched(begun(), depth=self.stream_window):
             yield pending.result()
@@ -453,24 +501,33 @@ class FeatureService:
         if n > self.limits.max_images_per_request:
             raise LimitExceededError("keys per request", n, self.limits.max_images_per_request)
         key_list = [keys[i:i + KEY_BYTES] for i in range(0, len(keys), KEY_BYTES)]
-        stored = self.store.get_many(key_list)
-        vectors = np.full((n, spec.output_dim), np.nan, dtype=np.float32)
+        stored = self._stored(key_list)
+        dim = spec.output_dim
+        vectors = np.full((n, dim), np.nan, dtype=np.float32)
         found = np.zeros(n, dtype=bool)
         for i, key in enumerate(key_list):
             vector = stored.get(key)
             if vector is None:
                 continue
-            if len(vector) != spec.output_dim:
-                raise InvalidInputError(f"key {i} holds a {len(vector)}-d vector, not a {spec.output_dim}-d one "
-                                        f"of {backbone}")
+            if len(vector) != dim:
+                raise InvalidInputError(f"key {i} holds a {len(vector)}-d vector, not a {dim}-d one of {backbone}")
             vectors[i] = vector
             found[i] = True
         return vectors, found
 
+    def _stored(self, keys: list[bytes]) -> dict[bytes, np.ndarray]:
+        """The vectors among `keys` that are stored: from memory when hot, else from the store (and kept)."""
+        found = self.hot.get_many(keys)
+        if len(found) < len(keys):
+            from_store = self.store.get_many([key for key in keys if key not in found])
+            self.hot.put_many(from_store)
+            found.update(from_store)
+        return found
+
     # --- heads ---------------------------------------------------------------------------------------
 
-    def classify(self, head_name: str, images: Sequence[ImageInput], *, all_or_nothing: bool = False,
-                 call: Call = Call()) -> ClassifyOutcome:
+    def classify(self, head_name: str, images: Sequence[ImageInput], *, batch: RawPixels | None = None,
+                 all_or_nothing: bool = False, call: Call = Call()) -> ClassifyOutcome:
         """Embed `images` with the head's backbone (through the cache), then the head's probabilities."""
         self._require_ready()
         if head_name not in self.heads:
@@ -482,10 +539,10 @@ class FeatureService:
                 f"served backbone for head {head_name!r}, which reads vectors of fingerprint",
                 head.backbone_fingerprint[:16],
                 [f"{name} {served.embedder.fingerprint[:16]}" for name, served in self.served.items()])
-        outcome = self.embed(backbone, images, all_or_nothing=all_or_nothing, call=call)
-        k = len(head.class_names)
-        probabilities = np.full((len(images), k), np.nan, dtype=np.float32)
-        labels = [""] * len(images)
+        outcome = self.embed(backbone, images, batch=batch, all_or_nothing=all_or_nothing, call=call)
+        n, k = len(outcome.ok), len(head.class_names)
+        probabilities = np.full((n, k), np.nan, dtype=np.float32)
+        labels = [""] * n
         if outcome.ok.any():
             predicted = np.asarray(head.model.predict_proba(outcome.vectors[outcome.ok]), dtype=np.float32)
             if predicted.shape != (int(outcome.ok.sum()), k):

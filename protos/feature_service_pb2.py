@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprotos/feature_service.proto\x12\x0c\x65xtractor.v1\"_\n\x06Limits\x12\x1e\n\x16max_images_per_request\x18\x01 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x02 \x01(\x04\x12\x1a\n\x12max_decoded_pixels\x18\x03 \x01(\x04\"\xe8\x01\n\x08\x42\x61\x63kbone\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07summary\x18\x02 \x01(\t\x12\x12\n\ninput_size\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\x12\x0e\n\x06recipe\x18\x05 \x01(\t\x12\x0f\n\x07recipes\x18\x06 \x03(\t\x12\x0f\n\x07pooling\x18\x07 \x01(\t\x12\x12\n\noutput_dim\x18\x08 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\t \x01(\t\x12$\n\x06limits\x18\n \x01(\x0b\x32\x14.extractor.v1.Limits\x12\x16\n\x0eweights_sha256\x18\x0b \x01(\t\"\x16\n\x14ListBackbonesRequest\"B\n\x15ListBackbonesResponse\x12)\n\tbackbones\x18\x01 \x03(\x0b\x32\x16.extractor.v1.Backbone\"\"\n\x12GetBackboneRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\r\x12\r\n\x05\x64type\x18\x03 \x01(\t\"M\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12&\n\x06pixels\x18\x02 \x01(\x0b\x32\x14.extractor.v1.TensorH\x00\x42\t\n\x07\x63ontent\"1\n\x06Matrix\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x0b\n\x03\x64im\x18\x03 \x01(\r\":\n\nImageError\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"]\n\x0c\x45mbedRequest\x12\x10\n\x08\x62\x61\x63kbone\x18\x01 \x01(\t\x12#\n\x06images\x18\x02 \x03(\x0b\x32\x13.extractor.v1.Image\x12\x16\n\x0e\x61ll_or_nothing\x18\x03 \x01(\x08\"\xa3\x01\n\rEmbedResponse\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12%\n\x07vectors\x18\x02 \x01(\x0b\x32\x14.extractor.v1.Matrix\x12\x0e\n\x06\x63\x61\x63hed\x18\x03 \x03(\x08\x12\x0c\n\x04keys\x18\x04 \x01(\x0c\x12(\n\x06\x65rrors\x18\x05 \x03(\x0b\x32\x18.extractor.v1.ImageError\x12\x0e\n\x06offset\x18\x06 \x01(\x04\"6\n\x14GetEmbeddingsRequest\x12\x10\n\x08\x62\x61\x63kbone\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\"M\n\x15GetEmbeddingsResponse\x12%\n\x07vectors\x18\x01 \x01(\x0b\x32\x14.extractor.v1.Matrix\x12\r\n\x05\x66ound\x18\x02 \x03(\x08\"Y\n\x04Head\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61\x63kbone\x18\x02 \x01(\t\x12\x1c\n\x14\x62\x61\x63kbone_fingerprint\x18\x03 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x04 \x03(\t\"\x12\n\x10ListHeadsRequest\"6\n\x11ListHeadsResponse\x12!\n\x05heads\x18\x01 \x03(\x0b\x32\x12.extractor.v1.Head\"\\\n\x0f\x43lassifyRequest\x12\x0c\n\x04head\x18\x01 \x01(\t\x12#\n\x06images\x18\x02 \x03(\x0b\x32\x13.extractor.v1.Image\x12\x16\n\x0e\x61ll_or_nothing\x18\x03 \x01(\x08\"\x9e\x01\n\x10\x43lassifyResponse\x12\x13\n\x0b\x63lass_names\x18\x01 \x03(\t\x12+\n\rprobabilities\x18\x02 \x01(\x0b\x32\x14.extractor.v1.Matrix\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\x04 \x03(\x08\x12(\n\x06\x65rrors\x18\x05 \x03(\x0b\x32\x18.extractor.v1.ImageError2\xb4\x04\n\x0e\x46\x65\x61tureService\x12X\n\rListBackbones\x12\".extractor.v1.ListBackbonesRequest\x1a#.extractor.v1.ListBackbonesResponse\x12G\n\x0bGetBackbone\x12 .extractor.v1.GetBackboneRequest\x1a\x16.extractor.v1.Backbone\x12@\n\x05\x45mbed\x12\x1a.extractor.v1.EmbedRequest\x1a\x1b.extractor.v1.EmbedResponse\x12J\n\x0b\x45mbedStream\x12\x1a.extractor.v1.EmbedRequest\x1a\x1b.extractor.v1.EmbedResponse(\x01\x30\x01\x12X\n\rGetEmbeddings\x12\".extractor.v1.GetEmbeddingsRequest\x1a#.extractor.v1.GetEmbeddingsResponse\x12L\n\tListHeads\x12\x1e.extractor.v1.ListHeadsRequest\x1a\x1f.extractor.v1.ListHeadsResponse\x12I\n\x08\x43lassify\x12\x1d.extractor.v1.ClassifyRequest\x1a\x1e.extractor.v1.ClassifyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprotos/feature_service.proto\x12\x0c\x65xtractor.v1\"_\n\x06Limits\x12\x1e\n\x16max_images_per_request\x18\x01 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x02 \x01(\x04\x12\x1a\n\x12max_decoded_pixels\x18\x03 \x01(\x04\"\xe8\x01\n\x08\x42\x61\x63kbone\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07summary\x18\x02 \x01(\t\x12\x12\n\ninput_size\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\x12\x0e\n\x06recipe\x18\x05 \x01(\t\x12\x0f\n\x07recipes\x18\x06 \x03(\t\x12\x0f\n\x07pooling\x18\x07 \x01(\t\x12\x12\n\noutput_dim\x18\x08 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\t \x01(\t\x12$\n\x06limits\x18\n \x01(\x0b\x32\x14.extractor.v1.Limits\x12\x16\n\x0eweights_sha256\x18\x0b \x01(\t\"\x16\n\x14ListBackbonesRequest\"B\n\x15ListBackbonesResponse\x12)\n\tbackbones\x18\x01 \x03(\x0b\x32\x16.extractor.v1.Backbone\"\"\n\x12GetBackboneRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\r\x12\r\n\x05\x64type\x18\x03 \x01(\t\"M\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12&\n\x06pixels\x18\x02 \x01(\x0b\x32\x14.extractor.v1.TensorH\x00\x42\t\n\x07\x63ontent\"1\n\x06Matrix\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x0b\n\x03\x64im\x18\x03 \x01(\r\":\n\nImageError\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x82\x01\n\x0c\x45mbedRequest\x12\x10\n\x08\x62\x61\x63kbone\x18\x01 \x01(\t\x12#\n\x06images\x18\x02 \x03(\x0b\x32\x13.extractor.v1.Image\x12\x16\n\x0e\x61ll_or_nothing\x18\x03 \x01(\x08\x12#\n\x05\x62\x61tch\x18\x04 \x01(\x0b\x32\x14.extractor.v1.Tensor\"\xa3\x01\n\rEmbedResponse\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12%\n\x07vectors\x18\x02 \x01(\x0b\x32\x14.extractor.v1.Matrix\x12\x0e\n\x06\x63\x61\x63hed\x18\x03 \x03(\x08\x12\x0c\n\x04keys\x18\x04 \x01(\x0c\x12(\n\x06\x65rrors\x18\x05 \x03(\x0b\x32\x18.extractor.v1.ImageError\x12\x0e\n\x06offset\x18\x06 \x01(\x04\"6\n\x14GetEmbeddingsRequest\x12\x10\n\x08\x62\x61\x63kbone\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\"M\n\x15GetEmbeddingsResponse\x12%\n\x07vectors\x18\x01 \x01(\x0b\x32\x14.extractor.v1.Matrix\x12\r\n\x05\x66ound\x18\x02 \x03(\x08\"Y\n\x04Head\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61\x63kbone\x18\x02 \x01(\t\x12\x1c\n\x14\x62\x61\x63kbone_fingerprint\x18\x03 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x04 \x03(\t\"\x12\n\x10ListHeadsRequest\"6\n\x11ListHeadsResponse\x12!\n\x05heads\x18\x01 \x03(\x0b\x32\x12.extractor.v1.Head\"\x81\x01\n\x0f\x43lassifyRequest\x12\x0c\n\x04head\x18\x01 \x01(\t\x12#\n\x06images\x18\x02 \x03(\x0b\x32\x13.extractor.v1.Image\x12\x16\n\x0e\x61ll_or_nothing\x18\x03 \x01(\x08\x12#\n\x05\x62\x61tch\x18\x04 \x01(\x0b\x32\x14.extractor.v1.Tensor\"\x9e\x01\n\x10\x43lassifyResponse\x12\x13\n\x0b\x63lass_names\x18\x01 \x03(\t\x12+\n\rprobabilities\x18\x02 \x01(\x0b\x32\x14.extractor.v1.Matrix\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\x04 \x03(\x08\x12(\n\x06\x65rrors\x18\x05 \x03(\x0b\x32\x18.extractor.v1.ImageError2\xb4\x04\n\x0e\x46\x65\x61tureService\x12X\n\rListBackbones\x12\".extractor.v1.ListBackbonesRequest\x1a#.extractor.v1.ListBackbonesResponse\x12G\n\x0bGetBackbone\x12 .extractor.v1.GetBackboneRequest\x1a\x16.extractor.v1.Backbone\x12@\n\x05\x45mbed\x12\x1a.extractor.v1.EmbedRequest\x1a\x1b.extractor.v1.EmbedResponse\x12J\n\x0b\x45mbedStream\x12\x1a.extractor.v1.EmbedRequest\x1a\x1b.extractor.v1.EmbedResponse(\x01\x30\x01\x12X\n\rGetEmbeddings\x12\".extractor.v1.GetEmbeddingsRequest\x1a#.extractor.v1.GetEmbeddingsResponse\x12L\n\tListHeads\x12\x1e.extractor.v1.ListHeadsRequest\x1a\x1f.extractor.v1.ListHeadsResponse\x12I\n\x08\x43lassify\x12\x1d.extractor.v1.ClassifyRequest\x1a\x1e.extractor.v1.ClassifyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,24 +49,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MATRIX']._serialized_end=688
   _globals['_IMAGEERROR']._serialized_start=690
   _globals['_IMAGEERROR']._serialized_end=748
-  _globals['_EMBEDREQUEST']._serialized_start=750
-  _globals['_EMBEDREQUEST']._serialized_end=843
-  _globals['_EMBEDRESPONSE']._serialized_start=846
-  _globals['_EMBEDRESPONSE']._serialized_end=1009
-  _globals['_GETEMBEDDINGSREQUEST']._serialized_start=1011
-  _globals['_GETEMBEDDINGSREQUEST']._serialized_end=1065
-  _globals['_GETEMBEDDINGSRESPONSE']._serialized_start=1067
-  _globals['_GETEMBEDDINGSRESPONSE']._serialized_end=1144
-  _globals['_HEAD']._serialized_start=1146
-  _globals['_HEAD']._serialized_end=1235
-  _globals['_LISTHEADSREQUEST']._serialized_start=1237
-  _globals['_LISTHEADSREQUEST']._serialized_end=1255
-  _globals['_LISTHEADSRESPONSE']._serialized_start=1257
-  _globals['_LISTHEADSRESPONSE']._serialized_end=1311
-  _globals['_CLASSIFYREQUEST']._serialized_start=1313
-  _globals['_CLASSIFYREQUEST']._serialized_end=1405
-  _globals['_CLASSIFYRESPONSE']._serialized_start=1408
-  _globals['_CLASSIFYRESPONSE']._serialized_end=1566
-  _globals['_FEATURESERVICE']._serialized_start=1569
-  _globals['_FEATURESERVICE']._serialized_end=2133
+  _globals['_EMBEDREQUEST']._serialized_start=751
+  _globals['_EMBEDREQUEST']._serialized_end=881
+  _globals['_EMBEDRESPONSE']._serialized_start=884
+  _globals['_EMBEDRESPONSE']._serialized_end=1047
+  _globals['_GETEMBEDDINGSREQUEST']._serialized_start=1049
+  _globals['_GETEMBEDDINGSREQUEST']._serialized_end=1103
+  _globals['_GETEMBEDDINGSRESPONSE']._serialized_start=1105
+  _globals['_GETEMBEDDINGSRESPONSE']._serialized_end=1182
+  _globals['_HEAD']._serialized_start=1184
+  _globals['_HEAD']._serialized_end=1273
+  _globals['_LISTHEADSREQUEST']._serialized_start=1275
+  _globals['_LISTHEADSREQUEST']._serialized_end=1293
+  _globals['_LISTHEADSRESPONSE']._serialized_start=1295
+  _globals['_LISTHEADSRESPONSE']._serialized_end=1349
+  _globals['_CLASSIFYREQUEST']._serialized_start=1352
+  _globals['_CLASSIFYREQUEST']._serialized_end=1481
+  _globals['_CLASSIFYRESPONSE']._serialized_start=1484
+  _globals['_CLASSIFYRESPONSE']._serialized_end=1642
+  _globals['_FEATURESERVICE']._serialized_start=1645
+  _globals['_FEATURESERVICE']._serialized_end=2209
 # @@protoc_insertion_point(module_scope)

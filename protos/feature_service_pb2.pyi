@@ -97,14 +97,16 @@ class ImageError(_message.Message):
     def __init__(self, index: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("backbone", "images", "all_or_nothing")
+    __slots__ = ("backbone", "images", "all_or_nothing", "batch")
     BACKBONE_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     ALL_OR_NOTHING_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     backbone: str
     images: _containers.RepeatedCompositeFieldContainer[Image]
     all_or_nothing: bool
-    def __init__(self, backbone: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., all_or_nothing: _Optional[bool] = ...) -> None: ...
+    batch: Tensor
+    def __init__(self, backbone: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., all_or_nothing: _Optional[bool] = ..., batch: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
     __slots__ = ("fingerprint", "vectors", "cached", "keys", "errors", "offset")
@@ -161,14 +163,16 @@ class ListHeadsResponse(_message.Message):
     def __init__(self, heads: _Optional[_Iterable[_Union[Head, _Mapping]]] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("head", "images", "all_or_nothing")
+    __slots__ = ("head", "images", "all_or_nothing", "batch")
     HEAD_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     ALL_OR_NOTHING_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     head: str
     images: _containers.RepeatedCompositeFieldContainer[Image]
     all_or_nothing: bool
-    def __init__(self, head: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., all_or_nothing: _Optional[bool] = ...) -> None: ...
+    batch: Tensor
+    def __init__(self, head: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., all_or_nothing: _Optional[bool] = ..., batch: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
     __slots__ = ("class_names", "probabilities", "labels", "cached", "errors")
