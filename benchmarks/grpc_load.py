@@ -57,7 +57,7 @@ class FreshImages:
             self._seed += 1
             rng = np.random.default_rng(self._seed)
         while True:
-            batch = list(rng.integers(0, 256, (REQUEST_IMAGES, SIDE, SIDE, 3), dtype=np.uint8))
+            batch = rng.integers(0, 256, (REQUEST_IMAGES, SIDE, SIDE, 3), dtype=np.uint8)
             with self._lock:
                 if served and len(self.kept) < self.keep:
                     self.kept.extend(batch)
@@ -75,7 +75,7 @@ def in_process(embedder: Embedder, images: FreshImages, seconds: float) -> dict:
     while time.perf_counter() - started < seconds:
         batch = next(stream)
         t0 = time.perf_counter()
-        embedder.embed(batch)
+        embedder.embed(list(batch))
         latencies.append(time.perf_counter() - t0)
         count += len(batch)
     return {"images_per_s": count / (time.perf_counter() - started), "p50_ms": percentile_ms(latencies, 50),
@@ -113,7 +113,7 @@ def served(target: str, clients: int, images: FreshImages, seconds: float) -> di
             "p99_ms": percentile_ms(latencies, 99), "requests": len(latencies)}
 
 
-def cache_hits(target: str, images: list[np.ndarray], seconds: float) -> dict:
+def cache_hits(target: str, images: np.ndarray, seconds: float) -> dict:
     with FeatureClient(target, timeout=60) as client:
         keys = [k for part in client.embed_stream("vgg16", images, chunk_size=256) for k in part.keys]
         # single 32-image Embed calls whose vectors are all stored
@@ -177,14 +177,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         server, target = start_server(Path(tmp) / "served.sqlite")
         try:
-            with FeatureClient(target, timeout=300, retries=60) as client:
-                client.backbones()  # retried until the server is warm
+            with FeatureClient(target) as client:
+                client.wait_until_serving(timeout=300)
             spec = get_backbone_spec("vgg16")
             images = FreshImages(keep=4096)
             rounds = []
             with EmbeddingStore(Path(tmp) / "in_process.sqlite") as store:
                 embedder = Embedder(spec, store)
-                embedder.embed(next(images.stream(served=False)))  # build and trace outside the clock
+                embedder.embed(list(next(images.stream(served=False))))  # build and trace outside the clock
                 for r in range(args.rounds):
                     entry = {"in_process": in_process(embedder, images, args.seconds)}
                     for clients in client_counts:
@@ -193,7 +193,7 @@ def main() -> int:
                                        / entry["in_process"]["images_per_s"] for c in client_counts}
                     log.info("round %d: %s", r + 1, json.dumps(entry))
                     rounds.append(entry)
-            hits = [cache_hits(target, images.kept, args.seconds) for _ in range(args.rounds)]
+            hits = [cache_hits(target, np.stack(images.kept), args.seconds) for _ in range(args.rounds)]
         finally:
             server.terminate()
             server.wait(60)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extractor.errors import ExtractorError, InvalidInputError
 from protos import feature_service_pb2 as pb
@@ -124,6 +125,21 @@ class FeatureClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def wait_until_serving(self, timeout: float) -> None:
+        """Block until the server's health says SERVING: it listens before its backbones are warm."""
+        request = health_pb2.HealthCheckRequest(service="extractor.v1.FeatureService")
+        watch = health_pb2_grpc.HealthStub(self.channel).Watch(request, timeout=timeout, metadata=self.metadata,
+                                                                wait_for_ready=True)
+        try:
+            for response in watch:
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+        except grpc.RpcError as exc:
+            raise RemoteError(exc.code(), exc.details()) from None
+        finally:
+            watch.cancel()
+        raise RemoteError(grpc.StatusCode.UNAVAILABLE, "the server stopped before it was serving")
 
     def _unary(self, method: Callable, request, timeout: float | None):
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)

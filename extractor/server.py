@@ -273,7 +273,11 @@ def serve(service: FeatureService, *, host: str, port: int, token: str | None, t
     print(f"listening on {host}:{server.port}", flush=True)
     log.info("listening on %s:%d (%s%s); loading backbones", host, server.port, "TLS" if tls else "plaintext",
              ", token required" if token else "")
-    server.start()
+    try:
+        server.start()
+    except BaseException:
+        server.server.stop(0)  # nothing was served; close the port rather than linger half-started
+        raise
     log.info("serving %s; limits: %s", ", ".join(service.served), service.limits)
     stop.wait()
     log.info("stopping: draining in-flight calls (grace %.0f s)", grace)

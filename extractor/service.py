@@ -378,8 +378,11 @@ class FeatureService:
     # --- life cycle ----------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Build every backbone and run it once (so the first call pays no tracing), load the heads,
+        """Load the heads, build every backbone and run it once (so the first call pays no tracing),
         then accept calls."""
+        if self.heads_dir is not None:
+            self.heads = load_heads(self.heads_dir, self.head_loader)
+            log.info("heads loaded from %s: %s", self.heads_dir, ", ".join(self.heads) or "(none)")
         for spec in self.specs.values():
             backbone = self.backbone_loader(spec)
             started = time.perf_counter()
@@ -389,14 +392,7 @@ class FeatureService:
             embedder = Embedder(spec, self.store, backbone)
             self.served[spec.name] = ServedBackbone(spec, embedder, MicroBatcher(embedder, self.max_batch,
                                                                                  self.max_wait))
-        if self.heads_dir is not None:
-            self.heads = load_heads(self.heads_dir, self.head_loader)
-            log.info("heads loaded from %s: %s", self.heads_dir, ", ".join(self.heads) or "(none)")
         self._ready.set()
-
-    @property
-    def ready(self) -> bool:
-        return self._ready.is_set()
 
     def close(self) -> None:
         """Stop accepting calls, finish queued work, close the store."""

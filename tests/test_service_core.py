@@ -10,7 +10,7 @@ from PIL import Image
 
 from extractor.backbones import get_backbone_spec
 from extractor.errors import InvalidInputError, LimitExceededError, NotReadyError, UnknownNameError
-from extractor.service import Call, FeatureService, Limits, RawPixels, to_pixels
+from extractor.service import Call, FeatureService, HotVectors, Limits, RawPixels, to_pixels
 from extractor.store import EmbeddingStore
 
 
@@ -132,6 +132,15 @@ def test_duplicates_and_cached_images_are_not_computed_again(make_service):
     vectors, found = service.get_embeddings("vgg16", again.keys + bytes(32))
     assert found.tolist() == [True, True, False]
     np.testing.assert_array_equal(vectors[:2], again.vectors)
+
+
+def test_hot_vectors_keep_the_most_recently_used_within_their_bytes():
+    hot = HotVectors(max_bytes=3 * 512 * 4)
+    vectors = {bytes([i]) * 32: np.full(512, i, np.float32) for i in range(3)}
+    hot.put_many(vectors)
+    assert set(hot.get_many([bytes([0]) * 32])) == {bytes([0]) * 32}  # 0 is now the most recent
+    hot.put_many({bytes([9]) * 32: np.zeros(512, np.float32)})
+    assert set(hot.get_many(list(vectors))) == {bytes([0]) * 32, bytes([2]) * 32}  # 1 went first
 
 
 def test_expired_and_abandoned_work_is_dropped_before_compute(make_service):

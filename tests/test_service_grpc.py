@@ -166,12 +166,11 @@ def test_not_serving_until_warm_and_clients_retry_meanwhile(spec, tmp_path):
             with FeatureClient(target, retries=0) as impatient, pytest.raises(RemoteError) as caught:
                 impatient.embed("vgg16", random_images(1, seed=4))
             assert caught.value.code == grpc.StatusCode.UNAVAILABLE
-            with FeatureClient(target, timeout=30) as patient:
+            with FeatureClient(target, timeout=60, retries=30) as patient:
                 threading.Timer(0.5, release.set).start()
                 assert patient.embed("vgg16", random_images(1, seed=4)).vectors.shape == (1, 512)
-            watch = health.Watch(request, timeout=10)
-            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
-            watch.cancel()
+                patient.wait_until_serving(timeout=10)
+            assert health.Check(request, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
     finally:
         release.set()
         warming.join()

@@ -10,27 +10,11 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extractor.client import FeatureClient, RemoteError
 from extractor.store import EmbeddingStore
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-
-def wait_until_serving(target: str, timeout: float) -> None:
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise AssertionError(f"{target} not SERVING after {timeout} s")
 
 
 def test_sigterm_drains_in_flight_calls_then_exits_zero(tmp_path, data_dir):
@@ -44,7 +28,8 @@ def test_sigterm_drains_in_flight_calls_then_exits_zero(tmp_path, data_dir):
         line = server.stdout.readline()
         assert line.startswith("listening on 127.0.0.1:"), line + server.stderr.read()
         target = line.split()[-1]
-        wait_until_serving(target, timeout=90)
+        with FeatureClient(target) as client:
+            client.wait_until_serving(timeout=90)
 
         rng = np.random.default_rng(0)
         batches = [[rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(96)] for _ in range(3)]
