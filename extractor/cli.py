@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from extractor.errors import ExtractorError
+from extractor.errors import ExtractorError, InvalidInputError
 
 log = logging.getLogger("extractor")
 
@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--json", action="store_true", help="print the summary as JSON")
     embed.add_argument("--no-progress", action="store_true", help="no progress bar")
     embed.set_defaults(run=cmd_embed)
-    add_remote_options(embed, required=False)
+    add_remote_options(embed, required=False, help="compute on this feature service; the feature set and its vectors "
+                                                   "land in the local --store (and the vectors in the server's)")
 
     store = commands.add_parser("store", help="inspect and maintain the store")
     store_commands = store.add_subparsers(dest="store_command", required=True, metavar="ACTION")
@@ -176,12 +177,9 @@ def cmd_store(args) -> int:
 
 # --- the gRPC service: serve, and the --remote side of embed and classify ------------------------------
 
-def add_remote_options(parser: argparse.ArgumentParser, required: bool) -> None:
+def add_remote_options(parser: argparse.ArgumentParser, required: bool, help: str) -> None:
     group = parser.add_argument_group("remote (a feature service over gRPC)")
-    group.add_argument("--remote", metavar="HOST:PORT", required=required,
-                       help="the server computes (or finds) the vectors" + (
-                           "; they land in its store and, with the feature set, in the local --store"
-                           if not required else ""))
+    group.add_argument("--remote", metavar="HOST:PORT", required=required, help=help)
     group.add_argument("--token-file", help="file holding the server's bearer token")
     group.add_argument("--root-cert", help="PEM root certificate: connect with TLS")
     group.add_argument("--timeout", type=float, default=60.0, help="seconds per request, retries included")
@@ -213,7 +211,7 @@ def add_service_commands(commands) -> None:
     serve.set_defaults(run=cmd_serve)
 
     classify = commands.add_parser("classify", help="classify image files with a saved head on a server")
-    add_remote_options(classify, required=True)
+    add_remote_options(classify, required=True, help="the feature service holding the head")
     classify.add_argument("--head", required=True, help="a head the server loaded")
     classify.add_argument("--json", action="store_true", help="print JSON")
     classify.add_argument("files", nargs="+", metavar="FILE", help="image files (PNG, JPEG, ...)")
@@ -223,7 +221,7 @@ def add_service_commands(commands) -> None:
 def cmd_serve(args) -> int:
     from extractor import paths
     from extractor.backbones import get_backbone_spec
-    from extractor.server import read_tls, read_token, serve
+    from extractor.server import serve
     from extractor.service import FeatureService, Limits
     from extractor.store import EmbeddingStore
 
@@ -238,20 +236,39 @@ def cmd_serve(args) -> int:
     return serve(service, host=args.host, port=args.port, token=token, tls=tls, grace=args.grace)
 
 
+def read_token(path: str | None) -> str | None:
+    if not path:
+        return None
+    token = read_file(path).decode().strip()
+    if not token:
+        raise InvalidInputError(f"token file {path} is empty")
+    return token
+
+
+def read_tls(cert: str | None, key: str | None) -> tuple[bytes, bytes] | None:
+    if bool(cert) != bool(key):
+        raise InvalidInputError("TLS needs both --tls-cert and --tls-key")
+    return (read_file(cert), read_file(key)) if cert else None
+
+
+def read_file(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
 def feature_client(args):
-    from pathlib import Path
-
     from extractor.client import FeatureClient
-    from extractor.server import read_token
 
-    root_cert = Path(args.root_cert).read_bytes() if args.root_cert else None
+    root_cert = read_file(args.root_cert) if args.root_cert else None
     return FeatureClient(args.remote, token=read_token(args.token_file), root_cert=root_cert, timeout=args.timeout)
 
 
 def remote_backbone(args):
     """`embed --remote`: the local spec (its fingerprint checked against the server's) and the served backbone."""
     from extractor.client import RemoteBackbone, served_spec
-    from extractor.errors import InvalidInputError
 
     if args.weights or args.weights_sha256:
         raise InvalidInputError("--weights and --weights-sha256 choose local weights; with --remote the server's are used")

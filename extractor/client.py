@@ -75,7 +75,10 @@ def image_message(image: ImageLike) -> pb.Image:
         return pb.Image(pixels=tensor(image))
     if isinstance(image, bytes):
         return pb.Image(encoded=image)
-    return pb.Image(encoded=Path(image).read_bytes())
+    try:
+        return pb.Image(encoded=Path(image).read_bytes())
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read {image}: {exc.strerror or exc}") from exc
 
 
 def as_matrix(message: pb.Matrix) -> np.ndarray:

@@ -9,7 +9,6 @@ import threading
 import time
 from concurrent import futures
 from concurrent.futures import CancelledError
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -246,21 +245,6 @@ class FeatureServer:
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
         self.service.close()
-
-
-def read_tls(cert: str | None, key: str | None) -> tuple[bytes, bytes] | None:
-    if bool(cert) != bool(key):
-        raise InvalidInputError("TLS needs both --tls-cert and --tls-key")
-    return (Path(cert).read_bytes(), Path(key).read_bytes()) if cert else None
-
-
-def read_token(path: str | None) -> str | None:
-    if not path:
-        return None
-    token = Path(path).read_text().strip()
-    if not token:
-        raise InvalidInputError(f"token file {path} is empty")
-    return token
 
 
 def serve(service: FeatureService, *, host: str, port: int, token: str | None, tls: tuple[bytes, bytes] | None,
