@@ -140,18 +140,18 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
 # --- every call: authentication, then errors to status codes ------------------------------------------
 
 class CallGuard(grpc.ServerInterceptor):
-    """Wraps every method: checks the bearer token (when the server has one; health checks are exempt so
-    probes need no secret) and turns whatever the method raises into a status via `status_for`."""
+    """Wraps every method but health's (probes need no secret): checks the bearer token when the server
+    has one, and turns whatever the method raises into a status via `status_for`."""
 
     def __init__(self, token: str | None = None):
         self._expected = f"Bearer {token}".encode() if token else None
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
-        if handler is None:
-            return None
         method = handler_call_details.method
-        authorized = self._expected is None or method.startswith(HEALTH_METHODS) or hmac.compare_digest(
+        if handler is None or method.startswith(HEALTH_METHODS):
+            return handler  # health as grpc ships it: no token, its own non-blocking Watch
+        authorized = self._expected is None or hmac.compare_digest(
             dict(handler_call_details.invocation_metadata).get("authorization", "").encode(), self._expected)
         return _guarded(handler, method, authorized)
 
