@@ -21,6 +21,7 @@ from protos import feature_service_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 KEY_BYTES = 32
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatureService"].full_name
 MAX_BACKOFF = 2.0  # seconds between retries, at most
 HEADROOM = 64 * 1024  # bytes a request keeps free of images under the message limit (framing, names)
 
@@ -131,7 +132,7 @@ class FeatureClient:
 
     def wait_until_serving(self, timeout: float) -> None:
         """Block until the server's health says SERVING: it listens before its backbones are warm."""
-        request = health_pb2.HealthCheckRequest(service="extractor.v1.FeatureService")
+        request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
         watch = health_pb2_grpc.HealthStub(self.channel).Watch(request, timeout=timeout, metadata=self.metadata,
                                                                 wait_for_ready=True)
         try:
@@ -146,19 +147,19 @@ class FeatureClient:
 
     def _unary(self, method: Callable, request, timeout: float | None):
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        delay = self.backoff
-        for attempt in range(1, self.retries + 2):
+        delay, attempt = self.backoff, 0
+        while True:
             try:
                 return method(request, timeout=max(deadline - time.monotonic(), 0.0), metadata=self.metadata)
             except grpc.RpcError as exc:
-                pause = delay * random.uniform(0.5, 1.0)
+                attempt += 1
+                pause = delay * random.uniform(0.5, 1.0)  # jitter: clients refused together retry apart
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt > self.retries \
                         or time.monotonic() + pause >= deadline:
                     raise RemoteError(exc.code(), exc.details()) from None
                 log.info("server unavailable (%s); retry %d in %.2f s", exc.details(), attempt, pause)
                 time.sleep(pause)
                 delay = min(delay * 2, MAX_BACKOFF)
-        raise AssertionError("unreachable")
 
     # --- backbones and heads -------------------------------------------------------------------------
 
