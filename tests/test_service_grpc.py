@@ -275,6 +275,10 @@ def test_stream_gives_the_unary_vectors_and_stream_wide_error_indices(client, re
     assert [f.index for p in parts for f in p.errors] == [4]
     vectors = np.concatenate([p.vectors for p in parts])
     assert np.array_equal(np.delete(vectors, 4, axis=0), reference(images))
+    with pytest.raises(RemoteError) as caught:
+        list(client.embed_stream("resnet", images))
+    assert caught.value.code == grpc.StatusCode.NOT_FOUND
+    assert_still_serving(client)
 
 
 def test_a_stacked_array_travels_as_batch_tensors(client, reference):
