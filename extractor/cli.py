@@ -1,4 +1,4 @@
-"""The `python -m extractor` command line: backbones, pretrain, embed, store."""
+"""The `python -m extractor` command line: backbones, pretrain, embed, store, serve, classify."""
 
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ EPILOG = """examples:
   python -m extractor embed --engine ray --num-workers 4 --backbone vgg16 --data cifar10:train --feature-set c10
   python -m extractor store info
   python -m extractor store import --store other.sqlite ~/.cache/extractor/shards/c10/manifest.json
+  python -m extractor serve --port 50051 --backbones vgg16 --heads ~/heads
+  python -m extractor embed --remote localhost:50051 --backbone vgg16 --data npz:digits.npz --feature-set digits
+  python -m extractor classify --remote localhost:50051 --head digits-lr a.png b.png
 """
 
 
@@ -100,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_engine_options(embed)
     embed.set_defaults(run=cmd_embed)
+    add_remote_options(embed, required=False, help="compute on this feature service; the feature set and its vectors "
+                                                   "land in the local --store (and the vectors in the server's)")
 
     store = commands.add_parser("store", help="inspect and maintain the store")
     store_commands = store.add_subparsers(dest="store_command", required=True, metavar="ACTION")
@@ -119,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "info":
             action.add_argument("--json", action="store_true")
     add_store_import(store_commands)
+    add_service_commands(commands)
     return parser
 
 
@@ -155,11 +161,13 @@ def cmd_embed(args) -> int:
     from extractor.store import EmbeddingStore
 
     if uses_ray_engine(args):
+        if args.remote:
+            raise InvalidInputError("--remote and --engine ray are two different engines: choose one")
         return cmd_embed_ray(args)
-    spec = spec_from_args(args)
+    spec, backbone = remote_backbone(args) if args.remote else (spec_from_args(args), None)
     dataset = open_dataset(args.data, args.data_dir)
     with EmbeddingStore(paths.store_path(args.store)) as store:
-        summary = run_embed_job(dataset, Embedder(spec, store), args.feature_set, batch_size=args.batch_size,
+        summary = run_embed_job(dataset, Embedder(spec, store, backbone), args.feature_set, batch_size=args.batch_size,
                                 limit=args.limit, progress=not args.no_progress and sys.stderr.isatty())
     print(json.dumps(summary.as_dict(), indent=2) if args.json else "\n".join(summary.lines()))
     return 0
@@ -239,6 +247,130 @@ def cmd_store(args) -> int:
         removed = store.gc(dry_run=args.dry_run)
         print(f"{'would delete' if args.dry_run else 'deleted'} {removed} unreferenced vectors")
         return 0
+
+
+# --- the gRPC service: serve, and the --remote side of embed and classify ------------------------------
+
+def add_remote_options(parser: argparse.ArgumentParser, required: bool, help: str) -> None:
+    group = parser.add_argument_group("remote (a feature service over gRPC)")
+    group.add_argument("--remote", metavar="HOST:PORT", required=required, help=help)
+    group.add_argument("--token-file", help="file holding the server's bearer token")
+    group.add_argument("--root-cert", help="PEM root certificate: connect with TLS")
+    group.add_argument("--timeout", type=float, default=60.0, help="seconds per request, retries included")
+
+
+def add_service_commands(commands) -> None:
+    serve = commands.add_parser(
+        "serve", help="serve embeddings and heads over gRPC",
+        description="Serve the backbones' embeddings (and saved heads) over gRPC, through the same store as "
+                    "batch jobs. Prints the bound address; SIGTERM drains in-flight calls and exits 0.")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=50051, help="0 picks a free port (default 50051)")
+    serve.add_argument("--store", help="store file (env EXTRACTOR_STORE; default in the user cache)")
+    serve.add_argument("--backbones", default="vgg16", help="comma-separated registry names (default vgg16)")
+    serve.add_argument("--heads", metavar="DIR", help="folder of saved heads (.keras, .joblib) to serve")
+    serve.add_argument("--max-batch", type=int, default=128, help="images per backbone call (default 128)")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0,
+                       help="how long the first waiting image waits for others to batch with (default 5)")
+    serve.add_argument("--hot-cache-mb", type=float, default=256,
+                       help="recently used vectors kept in memory in front of the store (default 256)")
+    limits = serve.add_argument_group("limits (defaults: extractor.service.Limits; the server logs them)")
+    limits.add_argument("--max-images", type=int, help="images (or keys) per request")
+    limits.add_argument("--max-message-mb", type=float, help="MiB per message, either direction")
+    limits.add_argument("--max-pixels", type=int, help="decoded pixels per image")
+    serve.add_argument("--tls-cert", help="PEM certificate chain: serve TLS (with --tls-key)")
+    serve.add_argument("--tls-key", help="PEM private key")
+    serve.add_argument("--token-file", help="require 'authorization: Bearer <token>' with the token in this file")
+    serve.add_argument("--grace", type=float, default=30.0, help="seconds in-flight calls get at shutdown")
+    serve.set_defaults(run=cmd_serve)
+
+    classify = commands.add_parser("classify", help="classify image files with a saved head on a server")
+    add_remote_options(classify, required=True, help="the feature service holding the head")
+    classify.add_argument("--head", required=True, help="a head the server loaded")
+    classify.add_argument("--json", action="store_true", help="print JSON")
+    classify.add_argument("files", nargs="+", metavar="FILE", help="image files (PNG, JPEG, ...)")
+    classify.set_defaults(run=cmd_classify)
+
+
+def cmd_serve(args) -> int:
+    from extractor import paths
+    from extractor.backbones import get_backbone_spec
+    from extractor.server import serve
+    from extractor.service import FeatureService, Limits
+    from extractor.store import EmbeddingStore
+
+    specs = [get_backbone_spec(name.strip(), data_dir=args.data_dir) for name in args.backbones.split(",")]
+    given = {"max_images_per_request": args.max_images, "max_decoded_pixels": args.max_pixels,
+             "max_message_bytes": args.max_message_mb and int(args.max_message_mb * 2**20)}
+    limits = Limits(**{name: value for name, value in given.items() if value is not None})
+    token, tls = read_token(args.token_file), read_tls(args.tls_cert, args.tls_key)
+    service = FeatureService(specs, EmbeddingStore(paths.store_path(args.store)), limits=limits,
+                             max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000, heads_dir=args.heads,
+                             hot_bytes=int(args.hot_cache_mb * 2**20))
+    return serve(service, host=args.host, port=args.port, token=token, tls=tls, grace=args.grace)
+
+
+def read_token(path: str | None) -> str | None:
+    if not path:
+        return None
+    token = read_file(path).decode().strip()
+    if not token:
+        raise InvalidInputError(f"token file {path} is empty")
+    return token
+
+
+def read_tls(cert: str | None, key: str | None) -> tuple[bytes, bytes] | None:
+    if bool(cert) != bool(key):
+        raise InvalidInputError("TLS needs both --tls-cert and --tls-key")
+    return (read_file(cert), read_file(key)) if cert else None
+
+
+def read_file(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def feature_client(args):
+    from extractor.client import FeatureClient
+
+    root_cert = read_file(args.root_cert) if args.root_cert else None
+    return FeatureClient(args.remote, token=read_token(args.token_file), root_cert=root_cert, timeout=args.timeout)
+
+
+def remote_backbone(args):
+    """`embed --remote`: the local spec (its fingerprint checked against the server's) and the served backbone."""
+    from extractor.client import RemoteBackbone, served_spec
+
+    if args.weights or args.weights_sha256:
+        raise InvalidInputError("--weights and --weights-sha256 choose local weights; with --remote the server's are used")
+    client = feature_client(args)
+    spec = served_spec(client, args.backbone, input_size=args.input_size, recipe=args.recipe, pooling=args.pooling)
+    return spec, RemoteBackbone(client, args.backbone)
+
+
+def cmd_classify(args) -> int:
+    with feature_client(args) as client:
+        result = client.classify(args.head, args.files)
+    failures = {failure.index: failure for failure in result.errors}
+    rows = []
+    for i, path in enumerate(args.files):
+        if i in failures:
+            rows.append({"file": path, "error": f"{failures[i].code.name}: {failures[i].message}"})
+        else:
+            best = result.class_names.index(result.labels[i])
+            rows.append({"file": path, "label": result.labels[i],
+                         "probability": round(float(result.probabilities[i, best]), 6),
+                         "probabilities": dict(zip(result.class_names, map(float, result.probabilities[i])))})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            print(f"{row['file']}\t" + (f"error {row['error']}" if "error" in row
+                                         else f"{row['label']}\t{row['probability']:.4f}"))
+    return 1 if failures else 0
 
 
 def main(argv: list[str] | None = None) -> int:

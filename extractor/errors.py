@@ -42,3 +42,7 @@ class MissingDependencyError(ExtractorError):
 
 class NotReadyError(ExtractorError):
     """The service is starting up or shutting down."""
+
+
+class AuthenticationError(ExtractorError):
+    """A call to the service without the right credentials."""

@@ -1,0 +1,291 @@
+"""Client of the feature service: numpy arrays, encoded bytes or image files in; vectors and class probabilities out."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from extractor.errors import ExtractorError, InvalidInputError
+from protos import feature_service_pb2 as pb
+from protos import feature_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+KEY_BYTES = 32
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatureService"].full_name
+MAX_BACKOFF = 2.0  # seconds between retries, at most
+HEADROOM = 64 * 1024  # bytes a request keeps free of images under the message limit (framing, names)
+
+ImageLike = np.ndarray | bytes | str | os.PathLike  # pixels, an encoded file's bytes, or a file path
+# Images for one call: a sequence of ImageLike, or one stacked uint8 array (n, H, W[, C]), which travels
+# as `batch` tensors, without a message per image.
+Images = Sequence[ImageLike] | np.ndarray
+
+
+class RemoteError(ExtractorError):
+    """A call the server refused or could not finish; `code` is its grpc.StatusCode."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        self.code, self.details = code, details
+        super().__init__(f"{code.name}: {details}")
+
+
+@dataclass
+class ImageFailure:
+    index: int  # position in the call's images
+    code: grpc.StatusCode
+    message: str
+
+
+@dataclass
+class EmbedResult:
+    fingerprint: str
+    vectors: np.ndarray   # (n, d) float32; rows of failed images are NaN
+    cached: np.ndarray    # (n,) bool
+    keys: list[bytes]     # n content keys (32 bytes; zeros for failed images)
+    errors: list[ImageFailure]
+    offset: int = 0       # index of the first image within the call
+
+
+@dataclass
+class ClassifyResult:
+    class_names: list[str]
+    probabilities: np.ndarray  # (n, k) float32; rows of failed images are NaN
+    labels: list[str]          # most probable class per image; "" for failed ones
+    cached: np.ndarray         # (n,) bool
+    errors: list[ImageFailure]
+
+
+def tensor(array: np.ndarray) -> pb.Tensor:
+    """Raw pixels as they are; the server checks dtype and shape."""
+    return pb.Tensor(data=array.tobytes(), shape=array.shape, dtype=array.dtype.name)
+
+
+def image_message(image: ImageLike) -> pb.Image:
+    """An array is sent as raw pixels, bytes and paths as encoded files."""
+    if isinstance(image, np.ndarray):
+        return pb.Image(pixels=tensor(image))
+    if isinstance(image, bytes):
+        return pb.Image(encoded=image)
+    try:
+        return pb.Image(encoded=Path(image).read_bytes())
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read {image}: {exc.strerror or exc}") from exc
+
+
+def as_matrix(message: pb.Matrix) -> np.ndarray:
+    return np.frombuffer(message.data, dtype="<f4").reshape(message.rows, message.dim)
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _failures(errors, offset: int = 0) -> list[ImageFailure]:
+    return [ImageFailure(e.index + offset, _CODES.get(e.code, grpc.StatusCode.UNKNOWN), e.message) for e in errors]
+
+
+def _embed_result(response: pb.EmbedResponse) -> EmbedResult:
+    keys = response.keys
+    return EmbedResult(response.fingerprint, as_matrix(response.vectors), np.array(response.cached, dtype=bool),
+                       [keys[i:i + KEY_BYTES] for i in range(0, len(keys), KEY_BYTES)], _failures(response.errors),
+                       response.offset)
+
+
+class FeatureClient:
+    """Calls a feature service. Unary calls are retried with exponential backoff (and jitter) while the
+    server answers UNAVAILABLE (starting, restarting), within the call's deadline; `timeout` is that
+    deadline in seconds unless a call passes its own. Streams are not retried: their vectors are in the
+    server's store, so sending the same images again is cheap.
+    """
+
+    def __init__(self, target: str, *, token: str | None = None, root_cert: bytes | None = None,
+                 timeout: float = 30.0, retries: int = 6, backoff: float = 0.05,
+                 max_message_bytes: int = 64 * 1024 * 1024):
+        options = [("grpc.max_receive_message_length", max_message_bytes),
+                   ("grpc.max_send_message_length", max_message_bytes)]
+        if root_cert is not None:
+            self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_cert), options)
+        else:
+            self.channel = grpc.insecure_channel(target, options)
+        self.stub = pb_grpc.FeatureServiceStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self._limits: pb.Limits | None = None
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "FeatureClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def wait_until_serving(self, timeout: float) -> None:
+        """Block until the server's health says SERVING: it listens before its backbones are warm."""
+        request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        watch = health_pb2_grpc.HealthStub(self.channel).Watch(request, timeout=timeout, metadata=self.metadata,
+                                                                wait_for_ready=True)
+        try:
+            for response in watch:
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+        except grpc.RpcError as exc:
+            raise RemoteError(exc.code(), exc.details()) from None
+        finally:
+            watch.cancel()
+        raise RemoteError(grpc.StatusCode.UNAVAILABLE, "the server stopped before it was serving")
+
+    def _unary(self, method: Callable, request, timeout: float | None):
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        delay, attempt = self.backoff, 0
+        while True:
+            try:
+                return method(request, timeout=max(deadline - time.monotonic(), 0.0), metadata=self.metadata)
+            except grpc.RpcError as exc:
+                attempt += 1
+                pause = delay * random.uniform(0.5, 1.0)  # jitter: clients refused together retry apart
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt > self.retries \
+                        or time.monotonic() + pause >= deadline:
+                    raise RemoteError(exc.code(), exc.details()) from None
+                log.info("server unavailable (%s); retry %d in %.2f s", exc.details(), attempt, pause)
+                time.sleep(pause)
+                delay = min(delay * 2, MAX_BACKOFF)
+
+    # --- backbones and heads -------------------------------------------------------------------------
+
+    def backbones(self, timeout: float | None = None) -> list[pb.Backbone]:
+        return list(self._unary(self.stub.ListBackbones, pb.ListBackbonesRequest(), timeout).backbones)
+
+    def backbone(self, name: str, timeout: float | None = None) -> pb.Backbone:
+        return self._unary(self.stub.GetBackbone, pb.GetBackboneRequest(name=name), timeout)
+
+    def heads(self, timeout: float | None = None) -> list[pb.Head]:
+        return list(self._unary(self.stub.ListHeads, pb.ListHeadsRequest(), timeout).heads)
+
+    def limits(self) -> pb.Limits:
+        """The server's limits (asked once)."""
+        if self._limits is None:
+            self._limits = self.backbones()[0].limits
+        return self._limits
+
+    def _requests(self, images: Images) -> Iterator[tuple[int, dict]]:
+        """(offset, request fields) per request, within the server's images-per-request and message-size limits."""
+        limits = self.limits()
+        budget = max(limits.max_message_bytes - HEADROOM, 1)
+        if isinstance(images, np.ndarray):
+            per_request = min(limits.max_images_per_request, max(budget // max(images[0:1].nbytes, 1), 1))
+            for start in range(0, max(len(images), 1), per_request):
+                yield start, {"batch": tensor(images[start:start + per_request])}
+            return
+        batch: list[pb.Image] = []
+        size = start = 0
+        for i, image in enumerate(images):
+            message = image_message(image)
+            if batch and (len(batch) == limits.max_images_per_request or size + message.ByteSize() > budget):
+                yield start, {"images": batch}
+                batch, size, start = [], 0, i
+            batch.append(message)
+            size += message.ByteSize()
+        if batch or not images:
+            yield start, {"images": batch}
+
+    # --- embedding -----------------------------------------------------------------------------------
+
+    def embed(self, backbone: str, images: Images, *, all_or_nothing: bool = False,
+              timeout: float | None = None) -> EmbedResult:
+        """Vectors (n, d) float32 of `images`, split into as many requests as the server's limits need."""
+        parts = []
+        for offset, fields in self._requests(images):
+            request = pb.EmbedRequest(backbone=backbone, all_or_nothing=all_or_nothing, **fields)
+            part = _embed_result(self._unary(self.stub.Embed, request, timeout))
+            for failure in part.errors:
+                failure.index += offset
+            parts.append(part)
+        return EmbedResult(parts[0].fingerprint, np.concatenate([p.vectors for p in parts]),
+                           np.concatenate([p.cached for p in parts]), [k for p in parts for k in p.keys],
+                           [f for p in parts for f in p.errors])
+
+    def embed_stream(self, backbone: str, images: Iterable[ImageLike] | np.ndarray, *, chunk_size: int = 64,
+                     timeout: float | None = None) -> Iterator[EmbedResult]:
+        """Stream any number of images in chunks of `chunk_size`; yields one result per chunk, in order
+        (`offset` says where it starts; error indices count from the stream's first image).
+        A stacked array (n, H, W[, C]) goes as `batch` tensors. `timeout` bounds the whole stream (default: none)."""
+        def requests() -> Iterator[pb.EmbedRequest]:
+            if isinstance(images, np.ndarray):
+                for start in range(0, len(images), chunk_size):
+                    yield pb.EmbedRequest(backbone=backbone, batch=tensor(images[start:start + chunk_size]))
+                return
+            chunk: list[pb.Image] = []
+            for image in images:
+                chunk.append(image_message(image))
+                if len(chunk) == chunk_size:
+                    yield pb.EmbedRequest(backbone=backbone, images=chunk)
+                    chunk = []
+            if chunk:
+                yield pb.EmbedRequest(backbone=backbone, images=chunk)
+
+        try:
+            for response in self.stub.EmbedStream(requests(), timeout=timeout, metadata=self.metadata):
+                yield _embed_result(response)
+        except grpc.RpcError as exc:
+            raise RemoteError(exc.code(), exc.details()) from None
+
+    def get_embeddings(self, backbone: str, keys: Sequence[bytes], *,
+                       timeout: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Stored vectors by content key, never computed: (n, d) float32 (NaN rows where not found), found (n,)."""
+        request = pb.GetEmbeddingsRequest(backbone=backbone, keys=b"".join(keys))
+        response = self._unary(self.stub.GetEmbeddings, request, timeout)
+        return as_matrix(response.vectors), np.array(response.found, dtype=bool)
+
+    def classify(self, head: str, images: Images, *, all_or_nothing: bool = False,
+                 timeout: float | None = None) -> ClassifyResult:
+        """A saved head's class probabilities (n, k) for `images`, with the most probable label of each."""
+        parts = []
+        for offset, fields in self._requests(images):
+            request = pb.ClassifyRequest(head=head, all_or_nothing=all_or_nothing, **fields)
+            response = self._unary(self.stub.Classify, request, timeout)
+            parts.append((response, _failures(response.errors, offset)))
+        return ClassifyResult(list(parts[0][0].class_names),
+                              np.concatenate([as_matrix(r.probabilities) for r, _ in parts]),
+                              [label for r, _ in parts for label in r.labels],
+                              np.concatenate([np.array(r.cached, dtype=bool) for r, _ in parts]),
+                              [f for _, failures in parts for f in failures])
+
+
+class RemoteBackbone:
+    """A served backbone standing in for a local `FrozenBackbone` in an `Embedder`: `embed` sends the
+    images to the server, so a local job keeps its own store and feature sets while the server computes."""
+
+    def __init__(self, client: FeatureClient, name: str):
+        self.client, self.name = client, name
+
+    def embed(self, images: list[np.ndarray]) -> np.ndarray:
+        """Canonical uint8 images -> (n, d) float32, computed (or found) by the server."""
+        return self.client.embed(self.name, images, all_or_nothing=True).vectors
+
+
+def served_spec(client: FeatureClient, name: str, *, input_size: int | None = None, recipe: str | None = None,
+                pooling: str | None = None):
+    """The local `BackboneSpec` for the server's backbone `name` with these options, checked to have
+    the server's fingerprint: content keys made here and there are then the same."""
+    from extractor.backbones import get_backbone_spec
+
+    served = client.backbone(name)
+    spec = get_backbone_spec(name, input_size=input_size, recipe=recipe, pooling=pooling,
+                             weights_sha256=served.weights_sha256)
+    if spec.fingerprint != served.fingerprint:
+        raise InvalidInputError(
+            f"the server runs {name} with input size {served.input_size}, recipe {served.recipe}, pooling "
+            f"{served.pooling}; these options ask for input size {spec.input_size}, recipe {spec.recipe.name}, "
+            f"pooling {spec.pooling}")
+    return spec
