@@ -219,4 +219,5 @@ class KerasHead(ClassifierMixin, BaseEstimator):
 
     def predict(self, X) -> np.ndarray:
         """(n,) the most probable class label of each row of X."""
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        probabilities = self.predict_proba(X)
+        return self.classes_[np.argmax(probabilities, axis=1)]

@@ -49,7 +49,7 @@ _TANH_P = (_F(1.394553628e-8), _F(2.102733560e-5), _F(3.520756727e-3), _F(1.3402
 _TANH_Q = (_F(8.015776984e-7), _F(3.326951409e-4), _F(2.597254514e-2), _F(4.673548340e-1), _F(1.0))
 _LANES = 16  # partial sums per dot product, so that the sum vectorises without fast-math
 
-_jit = numba.njit(nogil=True, cache=True)
+_jit = numba.njit(nogil=True, cache=True, error_model="numpy")
 
 
 @_jit
@@ -338,15 +338,16 @@ class TrialResult:
         n_features = self.weights[0].shape[0]
         head = KerasHead(self.spec, epochs=self.params["epochs"], batch_size=self.params["batch_size"],
                          learning_rate=self.params["learning_rate"], random_state=self.seed)
-        layers = build_head_layers(self.spec, n_features, len(self.classes), self.seed)
+        head.model_ = keras.Sequential(
+            [keras.Input((n_features,))] + build_head_layers(self.spec, n_features, len(self.classes), self.seed)
+        )
         weights = iter(self.weights)
         steps = self.params["epochs"] * -(-self.params["n_examples"] // self.params["batch_size"])
-        for layer in layers:
+        for layer in head.model_.layers:
             if isinstance(layer, StepDropout):
-                layer.step.assign(steps)
+                layer.step.assign(steps)  # as many training calls as Keras' fit would have made
             else:
                 layer.set_weights([next(weights), next(weights)])
-        head.model_ = keras.Sequential([keras.Input((n_features,))] + layers)
         head.classes_, head.n_features_in_, head.history_ = self.classes, n_features, self.history
         return head
 
