@@ -91,6 +91,33 @@ def _adam(w, m, v, g, alpha):
 
 
 @_jit
+def _sum_of_rows(out, coefficients, matrix, ids, count):
+    """out (f,) = sum over i < count of coefficients[i] * matrix[ids[i]] (0 when count is 0).
+
+    Four rows per pass over `out`, so that a pass does four multiply-adds per load and store of `out`;
+    a short last group is padded with zero coefficients (adding 0 * x changes no sum).
+    """
+    width = out.size
+    if count == 0:
+        out[:] = 0
+    for i0 in range(0, count, 4):
+        r0 = matrix[ids[i0]]
+        c0 = coefficients[i0]
+        c1 = coefficients[i0 + 1] if i0 + 1 < count else _F(0)
+        c2 = coefficients[i0 + 2] if i0 + 2 < count else _F(0)
+        c3 = coefficients[i0 + 3] if i0 + 3 < count else _F(0)
+        r1 = matrix[ids[i0 + 1]] if i0 + 1 < count else r0
+        r2 = matrix[ids[i0 + 2]] if i0 + 2 < count else r0
+        r3 = matrix[ids[i0 + 3]] if i0 + 3 < count else r0
+        if i0 == 0:
+            for k in range(width):
+                out[k] = (c0 * r0[k] + c1 * r1[k]) + (c2 * r2[k] + c3 * r3[k])
+        else:
+            for k in range(width):
+                out[k] += (c0 * r0[k] + c1 * r1[k]) + (c2 * r2[k] + c3 * r3[k])
+
+
+@_jit
 def _logits_from_hidden(h, w2t, b2, out, partial):
     """out (c,) = h (f,) @ w2t.T + b2, with w2t (c, f); `partial` (c, _LANES) is scratch."""
     n_classes, width = w2t.shape
@@ -136,11 +163,8 @@ def _sparse_logits(indptr, indices, values, w1, b1, w2t, b2, out):
     z = np.empty(width, np.float32)
     partial = np.empty((max(w2t.shape[0], 1), _LANES), np.float32)
     for i in range(indptr.size - 1):
-        z[:] = 0
-        for p in range(indptr[i], indptr[i + 1]):
-            x, row = values[p], w1[indices[p]]
-            for k in range(width):
-                z[k] += x * row[k]
+        start, end = indptr[i], indptr[i + 1]
+        _sum_of_rows(z, values[start:end], w1, indices[start:end], end - start)
         for k in range(width):
             z[k] = z[k] + b1[k]
         if hidden:
@@ -182,13 +206,20 @@ def _train_trial(x, active, y, permutations, batch_size, seed, learning_rate, in
     mb1, vb1 = np.zeros_like(b1), np.zeros_like(b1)
     m2, v2 = np.zeros_like(w2t), np.zeros_like(w2t)
     mb2, vb2 = np.zeros_like(b2), np.zeros_like(b2)
-    xb = np.empty((batch_size, n_active), np.float32)
+    column_values = np.empty((n_active, batch_size), np.float32)  # the batch's inputs after dropout, by column
+    column_rows = np.empty((n_active, batch_size), np.int64)  # ... only the nonzero ones, and their rows
+    column_count = np.empty(n_active, np.int64)
+    row_values = np.empty(n_active, np.float32)
+    row_ids = np.empty(n_active, np.int64)
     z = np.empty((batch_size, width), np.float32)  # layer-1 pre-activation, then tanh
     h = np.empty((batch_size, width), np.float32)  # tanh after dropout
     logits = np.empty((batch_size, n_classes), np.float32)
     delta_out = np.empty((batch_size, n_classes), np.float32)
     delta1 = np.empty((batch_size, width), np.float32)
-    gradient = np.empty(max(width, n_classes), np.float32)
+    gradient = np.empty(width, np.float32)
+    gradient2 = np.empty(n_classes, np.float32)
+    ones = np.ones(batch_size, np.float32)
+    batch_rows = np.arange(max(batch_size, n_classes))
     probabilities = np.empty(n_classes, np.float32)
     partial = np.empty((n_classes, _LANES), np.float32)
     val_logits = np.empty((val_labels.size, n_classes), np.float32)
@@ -201,22 +232,22 @@ def _train_trial(x, active, y, permutations, batch_size, seed, learning_rate, in
             input_key = _dropout_key(seed, input_index, step)
             hidden_key = _dropout_key(seed, hidden_index, step)
             inverse_rows = _F(1) / _F(rows)
+            column_count[:] = 0
             # forward
             for r in range(rows):
                 example = permutations[epoch, start + r]
+                count = 0
                 for a in range(n_active):
                     value = x[example, a]
                     if value != 0 and input_threshold:
                         unit = np.uint64(r * d + active[a])
                         value = value * input_scale if _scramble(input_key ^ unit) >> _S40 >= input_threshold else _F(0)
-                    xb[r, a] = value
-                z[r, :] = 0
-                for a in range(n_active):
-                    value = xb[r, a]
                     if value != 0:
-                        row = w1[active[a]]
-                        for k in range(width):
-                            z[r, k] += value * row[k]
+                        row_values[count], row_ids[count] = value, active[a]
+                        count += 1
+                        column_values[a, column_count[a]], column_rows[a, column_count[a]] = value, r
+                        column_count[a] += 1
+                _sum_of_rows(z[r], row_values, w1, row_ids, count)
                 for k in range(width):
                     z[r, k] = z[r, k] + b1[k]
                 if hidden:
@@ -236,14 +267,10 @@ def _train_trial(x, active, y, permutations, batch_size, seed, learning_rate, in
                 correct += hit
                 for c in range(n_classes):
                     delta_out[r, c] = inverse_rows * (probabilities[c] - (_F(1) if c == y[example] else _F(0)))
-            # backward, and Adam on each variable as soon as its gradient is known
+            # backward, and Adam on each variable once its gradient is known
             if hidden:
                 for r in range(rows):
-                    delta1[r, :] = 0
-                    for c in range(n_classes):
-                        coefficient = delta_out[r, c]
-                        for k in range(width):
-                            delta1[r, k] += coefficient * w2t[c, k]
+                    _sum_of_rows(delta1[r], delta_out[r], w2t, batch_rows, n_classes)
                     base = np.uint64(r * width)
                     for k in range(width):
                         if hidden_threshold:
@@ -251,33 +278,18 @@ def _train_trial(x, active, y, permutations, batch_size, seed, learning_rate, in
                             delta1[r, k] = delta1[r, k] * hidden_scale if keep else _F(0)
                         delta1[r, k] = delta1[r, k] * (_F(1) - z[r, k] * z[r, k])
                 for c in range(n_classes):
-                    gradient[:width] = 0
-                    for r in range(rows):
-                        coefficient = delta_out[r, c]
-                        for k in range(width):
-                            gradient[k] += coefficient * h[r, k]
-                    _adam(w2t[c], m2[c], v2[c], gradient[:width], alpha)
-                gradient[:n_classes] = 0
-                for r in range(rows):
-                    for c in range(n_classes):
-                        gradient[c] += delta_out[r, c]
-                _adam(b2, mb2, vb2, gradient[:n_classes], alpha)
+                    _sum_of_rows(gradient, delta_out[:, c], h, batch_rows, rows)
+                    _adam(w2t[c], m2[c], v2[c], gradient, alpha)
+                _sum_of_rows(gradient2, ones, delta_out, batch_rows, rows)
+                _adam(b2, mb2, vb2, gradient2, alpha)
             else:
                 delta1[:rows] = delta_out[:rows]
             for a in range(n_active):
-                gradient[:width] = 0
-                for r in range(rows):
-                    value = xb[r, a]
-                    if value != 0:
-                        for k in range(width):
-                            gradient[k] += value * delta1[r, k]
+                _sum_of_rows(gradient, column_values[a], delta1, column_rows[a], column_count[a])
                 j = active[a]
-                _adam(w1[j], m1[j], v1[j], gradient[:width], alpha)
-            gradient[:width] = 0
-            for r in range(rows):
-                for k in range(width):
-                    gradient[k] += delta1[r, k]
-            _adam(b1, mb1, vb1, gradient[:width], alpha)
+                _adam(w1[j], m1[j], v1[j], gradient, alpha)
+            _sum_of_rows(gradient, ones, delta1, batch_rows, rows)
+            _adam(b1, mb1, vb1, gradient, alpha)
             step += 1
         history[epoch, 0] = loss_sum / n
         history[epoch, 1] = correct / n

@@ -19,7 +19,7 @@ def _expected_failed_checks(estimator) -> dict[str, str]:
 
 
 @parametrize_with_checks(
-    [KerasHead(epochs=20, batch_size=8, learning_rate=0.05, random_state=0),
+    [KerasHead(epochs=10, batch_size=16, learning_rate=0.1, random_state=0),
      make_head("logreg", random_state=0, Cs=(0.1, 10.0), n_splits=3)],
     expected_failed_checks=_expected_failed_checks,
 )
@@ -42,7 +42,7 @@ def test_unknown_head_name_names_the_known_ones():
 def test_every_head_learns_arbitrary_labels(name):
     X, y = make_classification(n_samples=60, n_features=10, n_informative=5, n_classes=3, random_state=0)
     labels = np.array(["cat", "dog", "emu"])[y]
-    params = {"epochs": 30, "batch_size": 8} if name in HEAD_SPECS else {}
+    params = {"epochs": 20, "batch_size": 8, "learning_rate": 0.01} if name in HEAD_SPECS else {}
     head = make_head(name, random_state=0, **params).fit(X, labels)
     assert set(head.predict(X)) <= set(labels)
     assert head.score(X, labels) > 0.6
