@@ -4,8 +4,9 @@ Each trial runs the same steps as `KerasHead.fit` with `random_state=seed` (the 
 docstring of `classifiers.heads`): same initial weights, batches, dropout masks, loss and Adam update;
 results agree with Keras to float rounding (summation order). What makes it fast:
 
-* one compiled loop per trial (numba, no Python per step), trials spread over threads without the GIL,
-  each trial's weights and Adam moments small enough to stay in the core's cache;
+* one compiled loop per trial (numba, no Python per step); trials are spread over threads that run
+  without the GIL, one trial per thread from start to end, so that its weights and Adam moments
+  (about 3 MB for a 512x512 layer) stay in that core's caches;
 * feature columns that are zero in every training example of a trial are left out: their gradient is
   exactly 0 at every step, so Adam never moves those weight rows (m and v stay 0) and they keep
   their initial values;

@@ -29,7 +29,8 @@ def test_round_trip_predicts_the_same(name, data, tmp_path):
     loaded = load_head(path)
     np.testing.assert_array_equal(loaded.predict(X), head.predict(X))
     np.testing.assert_array_equal(loaded.predict_proba(X), head.predict_proba(X))
-    assert loaded.get_params() == head.get_params() if name != "logreg" else True
+    if name != "logreg":  # a joblib round trip gives new estimator objects, which compare by identity
+        assert loaded.get_params() == head.get_params()
 
 
 @pytest.mark.parametrize("name", ["linear", "ridge"])
