@@ -36,6 +36,20 @@ class Features:
         return get_backbone_spec(self.backbone, input_size=self.input_size, recipe=self.recipe,
                                  pooling=self.pooling, data_dir=data_dir)
 
+    def label(self, data_dir=None) -> str:
+        spec = self.spec(data_dir)
+        return f"{spec.name}/{spec.recipe.name}/{spec.input_size}/{spec.pooling}"
+
+    def describe(self, data_dir=None) -> dict:
+        spec = self.spec(data_dir)
+        return {"backbone": spec.name, "recipe": spec.recipe.name, "input_size": spec.input_size,
+                "pooling": spec.pooling, "fingerprint": spec.fingerprint}
+
+
+def parts(features: Features | tuple[Features, ...]) -> tuple[Features, ...]:
+    """The backbones whose vectors a row uses: one, or several concatenated."""
+    return features if isinstance(features, tuple) else (features,)
+
 
 @dataclass(frozen=True)
 class Method:
@@ -49,12 +63,13 @@ class Method:
     name: str
     kind: str
     model: str
-    features: Features | None = None
+    features: Features | tuple[Features, ...] | None = None   # a tuple: vectors concatenated
     epochs: int = 0
     batch_size: int = 0
     lecture: tuple[float, float] | None = None
     validate: bool = False
     beyond: bool = False
+    quick_test: str | None = None   # beyond rows in the short default: this smaller test set
 
 
 @dataclass(frozen=True)
@@ -133,6 +148,13 @@ class RunSettings:
     classic_trials: int | None = None   # default: 1 (full: trials)
     classic_epochs: int | None = None   # default: 1 epoch timed, extrapolated (full: the row's epochs)
     beyond: bool = True
+    beyond_trials: int = 5              # beyond rows in the short default (full: trials), on their quick_test
+
+    def scope(self, experiment: "Experiment", method: "Method") -> tuple[int, str]:
+        """How many trials a cached row trains, and on which test set."""
+        if method.beyond and not self.full:
+            return min(self.beyond_trials, self.trials), method.quick_test or experiment.test
+        return self.trials, experiment.test
 
     def trials_for(self, method: Method) -> int:
         """How many trials of a row to compute at least (pixel-trained rows also show cached ones)."""
@@ -172,13 +194,22 @@ class ExperimentRunner:
     trial_cache: TrialCache = field(default_factory=TrialCache)
     _features: dict = field(default_factory=dict)
 
-    def trial_data(self, experiment: Experiment, features: Features) -> TrialData:
-        key = (experiment.train, experiment.test, features, self.settings.trials)
-        if key not in self._features:
-            self._features[key] = self._embed_trials(experiment, features)
-        return self._features[key]
+    def trial_data(self, experiment: Experiment, method: Method) -> TrialData:
+        """Every trial's vectors (and the test set's) for a row; several backbones' concatenated feature-wise."""
+        trials, test = self.settings.scope(experiment, method)
+        loaded = []
+        for part in parts(method.features):
+            key = (experiment.name, experiment.train, test, trials, part)
+            if key not in self._features:
+                self._features[key] = self._embed_trials(experiment.train, test, trials, part)
+            loaded.append(self._features[key])
+        if len(loaded) == 1:
+            return loaded[0]
+        return TrialData(np.concatenate([d.X_trials for d in loaded], axis=2), loaded[0].y_trials,
+                         np.concatenate([d.X_test for d in loaded], axis=1), loaded[0].y_test,
+                         loaded[0].class_names, sum(d.embed_seconds for d in loaded), sum(d.computed for d in loaded))
 
-    def _embed_trials(self, experiment: Experiment, features: Features) -> TrialData:
+    def _embed_trials(self, train: str, test: str, trials: int, features: Features) -> TrialData:
         from extractor.datasets import open_dataset
         from extractor.embedder import Embedder
         from extractor.jobs import run_embed_job
@@ -186,15 +217,14 @@ class ExperimentRunner:
         spec = features.spec(self.data_dir)
         embedder = Embedder(spec, self.store)
         start, computed, loaded = time.perf_counter(), 0, []
-        specs = [experiment.train.format(seed=t) for t in range(self.settings.trials)] + [experiment.test]
+        specs = [train.format(seed=t) for t in range(trials)] + [test]
         for data_spec in specs:
             name = f"{spec.name}-{spec.fingerprint[:12]}/{data_spec}"
             summary = run_embed_job(open_dataset(data_spec, self.data_dir), embedder, name, progress=self.progress)
             computed += summary.computed
             loaded.append(self.store.load_feature_set(name))
         seconds = time.perf_counter() - start
-        log.info("%s: %s features for %d sets in %.1f s (%d computed)", experiment.name, spec.name, len(specs),
-                 seconds, computed)
+        log.info("%s features for %d sets in %.1f s (%d computed)", spec.name, len(specs), seconds, computed)
         (X_test, y_test, class_names), train = loaded[-1], loaded[:-1]
         return TrialData(np.stack([x for x, _, _ in train]), np.stack([y for _, y, _ in train]), X_test, y_test,
                          class_names, seconds, computed)
@@ -208,10 +238,12 @@ class ExperimentRunner:
             runner = {"head": self._run_head, "sklearn": self._run_sklearn, "scratch": self._run_scratch,
                       "classic": self._run_classic}[method.kind]
             rows.append(runner(experiment, method))
-            if method.features is not None and method.kind != "classic":
-                data = self.trial_data(experiment, method.features)
-                embedding[method.features.backbone + "/" + (method.features.recipe or "default")] = {
-                    "seconds": round(data.embed_seconds, 2), "computed": data.computed}
+        for (name, _, test, trials, part), data in self._features.items():
+            if name == experiment.name:
+                entry = embedding.setdefault(part.label(self.data_dir), {"seconds": 0.0, "computed": 0, "sets": 0})
+                entry["seconds"] = round(entry["seconds"] + data.embed_seconds, 2)
+                entry["computed"] += data.computed
+                entry["sets"] += trials + 1
         return ExperimentResult(experiment.name, experiment.description, rows,
                                 {"notes": list(experiment.notes), "embedding": embedding,
                                  "timing": self._timing(experiment, rows)})
@@ -219,9 +251,7 @@ class ExperimentRunner:
     def _settings(self, method: Method, **extra) -> dict:
         base = {"kind": method.kind, "model": method.model}
         if method.features:
-            spec = method.features.spec(self.data_dir)
-            base["features"] = {"backbone": spec.name, "recipe": spec.recipe.name, "input_size": spec.input_size,
-                                "pooling": spec.pooling, "fingerprint": spec.fingerprint}
+            base["features"] = [part.describe(self.data_dir) for part in parts(method.features)]
         if method.epochs:
             base |= {"epochs": self.settings.epochs_for(method), "batch_size": method.batch_size, "optimizer": "adam"}
         return base | extra
@@ -229,7 +259,7 @@ class ExperimentRunner:
     def _run_head(self, experiment: Experiment, method: Method) -> MethodResult:
         from classifiers.trainer import train_trials
 
-        data = self.trial_data(experiment, method.features)
+        data = self.trial_data(experiment, method)
         seeds = list(range(len(data.X_trials)))
         start = time.perf_counter()
         results = train_trials(method.model, data.X_trials, data.y_trials, seeds, method.epochs, method.batch_size,
@@ -242,7 +272,7 @@ class ExperimentRunner:
     def _run_sklearn(self, experiment: Experiment, method: Method) -> MethodResult:
         from classifiers.baselines import make_head
 
-        data = self.trial_data(experiment, method.features)
+        data = self.trial_data(experiment, method)
         start = time.perf_counter()
         accuracies, chosen = [], []
         for t, (X, y) in enumerate(zip(data.X_trials, data.y_trials)):
@@ -338,7 +368,7 @@ class ExperimentRunner:
             return {}
         per_trial = classic[0].settings["seconds_per_full_trial"]
         classic_total = per_trial * self.settings.trials * len(heads)
-        embedding = self.trial_data(experiment, next(m.features for m in experiment.methods if m.kind == "head"))
+        embedding = self.trial_data(experiment, next(m for m in experiment.methods if m.kind == "head"))
         cached_total = embedding.embed_seconds + sum(r.seconds for r in heads)
         return {"classic_full_table_seconds": round(classic_total, 1),
                 "cached_full_table_seconds": round(cached_total, 2),

@@ -63,14 +63,14 @@ def test_runner_trains_every_kind_of_row(tmp_path, tiny_experiment):
         assert rows["classic"].settings["seconds_per_full_trial"] > 0
         timing = result.details["timing"]
         assert timing["classic_full_table_seconds"] > 0 and timing["speedup"] > 0
-        assert 18 + 30 <= result.details["embedding"]["vgg16/default"]["computed"] <= 2 * 18 + 30  # samples overlap
+        assert 18 + 30 <= result.details["embedding"]["vgg16/lecture/32/flatten"]["computed"] <= 2 * 18 + 30
 
         again = ExperimentRunner(store, settings, trial_cache=cache).run(tiny_experiment)
         rows_again = {row.name: row for row in again.methods}
         assert rows_again["head"].accuracies == rows["head"].accuracies  # same seeds, same outcome
         assert rows_again["scratch"].accuracies == rows["scratch"].accuracies
         assert "reused from the trial cache" in rows_again["scratch"].note
-        assert again.details["embedding"]["vgg16/default"]["computed"] == 0
+        assert again.details["embedding"]["vgg16/lecture/32/flatten"]["computed"] == 0
 
 
 def synthetic_sets(store_path, rng):
