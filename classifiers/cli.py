@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--full", action="store_true",
                      help="from-scratch and classic rows at full settings too (15 trials, all epochs: hours)")
     run.add_argument("--trials", type=int, default=15, help="trials per row (default 15, as the lecture)")
-    run.add_argument("--scratch-trials", type=int, help="trials of the from-scratch rows (default 2; --full: all)")
+    run.add_argument("--scratch-trials", type=int, help="from-scratch trials to compute at least (default 1; --full: all; cached ones are shown too)")
     run.add_argument("--classic-epochs", type=int, help="epochs timed of the classic rows (default 1; --full: all)")
     run.add_argument("--no-beyond", action="store_true", help="only the rows that reproduce the lecture")
     run.add_argument("--data-dir", help="shared datasets and weights (env EXTRACTOR_DATA_DIR)")
@@ -141,13 +141,7 @@ def cmd_compare(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from extractor.cli import run_command
     from extractor.errors import ExtractorError
 
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        return args.run(args)
-    except (ExtractorError, ValueError) as exc:
-        log.error("%s", exc)
-        return 2
+    return run_command(build_parser(), argv, expected=(ExtractorError, ValueError))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from classifiers.report import ExperimentResult, MethodResult
+from classifiers.trial_cache import TrialCache
 
 log = logging.getLogger(__name__)
 
@@ -128,16 +129,17 @@ class RunSettings:
 
     full: bool = False
     trials: int = TRIALS
-    scratch_trials: int | None = None   # default: 2 (full: trials)
+    scratch_trials: int | None = None   # computed by default: 1 (full: trials); cached ones are always shown
     classic_trials: int | None = None   # default: 1 (full: trials)
     classic_epochs: int | None = None   # default: 1 epoch timed, extrapolated (full: the row's epochs)
     beyond: bool = True
 
     def trials_for(self, method: Method) -> int:
+        """How many trials of a row to compute at least (pixel-trained rows also show cached ones)."""
         if self.full or method.kind in ("head", "sklearn"):
             return self.trials
         if method.kind == "scratch":
-            return self.scratch_trials or 2
+            return self.scratch_trials or 1
         return self.classic_trials or 1
 
     def epochs_for(self, method: Method) -> int:
@@ -167,6 +169,7 @@ class ExperimentRunner:
     settings: RunSettings = field(default_factory=RunSettings)
     data_dir: str | None = None
     progress: bool = False
+    trial_cache: TrialCache = field(default_factory=TrialCache)
     _features: dict = field(default_factory=dict)
 
     def trial_data(self, experiment: Experiment, features: Features) -> TrialData:
@@ -260,44 +263,68 @@ class ExperimentRunner:
         spec = features.spec(self.data_dir)
         return apply_recipe(spec.recipe, list(x), spec.input_size, spec.channels), y
 
+    def _pixel_trials(self, experiment: Experiment, method: Method, epochs: int, build_model,
+                      identity: dict) -> tuple[list, int]:
+        """Trials of a row trained on pixels; outcomes come from the trial cache where present.
+
+        At least `trials_for(method)` trials; beyond those, every cached trial up to `trials` is shown.
+        Returns the runs and how many of them were reused.
+        """
+        from classifiers.classic import fit_classic
+
+        runs, reused, test = [], 0, None
+        for t in range(self.settings.trials):
+            key = TrialCache.key(kind=method.kind, model=method.model, epochs=epochs, batch_size=method.batch_size,
+                                 train=experiment.train.format(seed=t), test=experiment.test, seed=t,
+                                 validate=method.validate, **identity)
+            run = self.trial_cache.get(key)
+            if run is None and t >= self.settings.trials_for(method):
+                break
+            if run is None:
+                test = test or self._pixels(experiment.test, method.features)
+                x, y = self._pixels(experiment.train.format(seed=t), method.features)
+                run = fit_classic(build_model(len(np.unique(y))), x, y, *test, epochs=epochs,
+                                  batch_size=method.batch_size, seed=t, validate=method.validate)
+                self.trial_cache.put(key, run)
+            else:
+                reused += 1
+            runs.append(run)
+        return runs, reused
+
     def _run_scratch(self, experiment: Experiment, method: Method) -> MethodResult:
-        from classifiers.classic import cifar_cnn, fit_classic
+        from classifiers.classic import cifar_cnn
         from extractor.pretrain import mnist_cnn
 
-        x_test, y_test = self._pixels(experiment.test, None)
-        runs = []
-        for t in range(self.settings.trials_for(method)):
-            x, y = self._pixels(experiment.train.format(seed=t), None)
-            model = mnist_cnn(num_classes=len(np.unique(y))) if method.model == "mnist_cnn" else cifar_cnn(method.model)
-            runs.append(fit_classic(model, x, y, x_test, y_test, epochs=method.epochs, batch_size=method.batch_size,
-                                    seed=t))
+        def build(num_classes):
+            return mnist_cnn(num_classes) if method.model == "mnist_cnn" else cifar_cnn(method.model, num_classes)
+
+        runs, reused = self._pixel_trials(experiment, method, method.epochs, build, {})
+        note = _notes(_reuse_note(len(runs), reused), len(runs) < self.settings.trials and
+                      f"{len(runs)} of {self.settings.trials} trials in the short default (FULL=1 runs all)")
         return MethodResult(method.name, [r.accuracy for r in runs], sum(r.seconds for r in runs),
                             self._settings(method, seconds_per_trial=[round(r.seconds, 2) for r in runs]),
-                            method.lecture, note="" if self.settings.full else
-                            f"{len(runs)} trials by default (FULL=1: {self.settings.trials})")
+                            method.lecture, [r.history for r in runs], note=note)
 
     def _run_classic(self, experiment: Experiment, method: Method) -> MethodResult:
         """The end-to-end model, timed; in the short default, over a few epochs, extrapolated per epoch."""
-        from classifiers.classic import fit_classic, freeze_and_retrain_model, pretrained_cnn_layers, vgg16_layers
+        from classifiers.classic import freeze_and_retrain_model, pretrained_cnn_layers, vgg16_layers
 
         spec = method.features.spec(self.data_dir)
-        x_test, y_test = self._pixels(experiment.test, method.features)
-        epochs = self.settings.epochs_for(method)
-        runs = []
-        for t in range(self.settings.trials_for(method)):
-            x, y = self._pixels(experiment.train.format(seed=t), method.features)
+
+        def build(num_classes):
             if spec.name == "mnist_cnn":
-                frozen, flatten = pretrained_cnn_layers(spec.weights_path), False
-            else:
-                frozen, flatten = vgg16_layers(spec.weights_path, spec.input_shape), True
-            model = freeze_and_retrain_model(frozen, spec.input_shape, method.model, len(np.unique(y)), flatten)
-            runs.append(fit_classic(model, x, y, x_test, y_test, epochs=epochs, batch_size=method.batch_size,
-                                    seed=t, validate=method.validate))
+                return freeze_and_retrain_model(pretrained_cnn_layers(spec.weights_path), spec.input_shape,
+                                                method.model, num_classes, flatten=False)
+            return freeze_and_retrain_model(vgg16_layers(spec.weights_path, spec.input_shape), spec.input_shape,
+                                            method.model, num_classes)
+
+        epochs = self.settings.epochs_for(method)
+        runs, reused = self._pixel_trials(experiment, method, epochs, build, {"backbone": spec.fingerprint})
         per_trial = float(np.median([r.seconds_per_epoch for r in runs])) * method.epochs
         full_trials = epochs == method.epochs
-        note = "" if full_trials else (
-            f"timing only: {len(runs)} trial of {epochs} epoch(s), {per_trial:.0f} s per {method.epochs}-epoch "
-            f"trial extrapolated; FULL=1 runs {self.settings.trials} full trials")
+        note = _notes(_reuse_note(len(runs), reused), not full_trials and (
+            f"timing only: {len(runs)} trial(s) of {epochs} epoch(s), {per_trial:.0f} s per {method.epochs}-epoch "
+            f"trial extrapolated; FULL=1 runs {self.settings.trials} full trials"))
         return MethodResult(method.name, [r.accuracy for r in runs] if full_trials else [],
                             sum(r.seconds for r in runs),
                             self._settings(method, seconds_per_full_trial=round(per_trial, 2),
@@ -319,3 +346,11 @@ class ExperimentRunner:
                 "cached_train_seconds": round(sum(r.seconds for r in heads), 2),
                 "embedded_now": embedding.computed,
                 "speedup": round(classic_total / cached_total, 1)}
+
+
+def _reuse_note(count: int, reused: int) -> str:
+    return f"{reused} of {count} trials reused from the trial cache" if reused else ""
+
+
+def _notes(*parts) -> str:
+    return "; ".join(part for part in parts if part)

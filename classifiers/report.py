@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import platform
+import textwrap
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -118,7 +119,7 @@ def plot_accuracies(experiment: ExperimentResult, path: Path) -> None:
     """Accuracy of every trial per method (dots), with the lecture's published range (bars)."""
     plt = _pyplot()
     methods = [m for m in experiment.methods if m.accuracies]
-    fig, ax = plt.subplots(figsize=(9, 0.55 * len(methods) + 1.6))
+    fig, ax = plt.subplots(figsize=(10, 0.7 * len(methods) + 1.6))
     for row, m in enumerate(methods):
         if m.lecture:
             ax.barh(row, m.lecture[1] - m.lecture[0], left=m.lecture[0], height=0.6, color="#f4c27a", alpha=0.7,
@@ -128,7 +129,7 @@ def plot_accuracies(experiment: ExperimentResult, path: Path) -> None:
                    label="trials" if row == 0 else None)
         ax.plot([100 * np.mean(m.accuracies)] * 2, [row - 0.3, row + 0.3], color="#1a202c", lw=2, zorder=4,
                 label="mean" if row == 0 else None)
-    ax.set_yticks(range(len(methods)), [m.name for m in methods])
+    ax.set_yticks(range(len(methods)), [textwrap.fill(m.name, 34) for m in methods], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("test accuracy (%)")
     ax.set_title(f"{experiment.name}: accuracy per trial")

@@ -373,15 +373,20 @@ def cmd_classify(args) -> int:
     return 1 if failures else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, expected=(ExtractorError,)) -> int:
+    """Parse, set up logging, run the chosen command; an expected error is one log line and exit code 2."""
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return args.run(args)
-    except ExtractorError as exc:
-        log.error("%s", exc)
+    except expected as exc:
+        logging.getLogger(parser.prog.split()[-1]).error("%s", exc)
         return 2
     except KeyboardInterrupt:
         log.error("interrupted; what was committed is kept, a rerun resumes")
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), argv)

@@ -8,6 +8,7 @@ Data specs (options after `?`, joined by `&`):
                     per_class=100, seed=0)
   folder:PATH       one subfolder per class holding image files (class index = sorted folder order)
   npz:PATH          arrays `x` (N, H, W[, C]) uint8 and `y` (N,), optionally `class_names`
+Any spec also takes `per_class=N` (and `seed`, default 0): a seeded sample of N images of each class.
 `mnist` and `cifar10` read the shared files by default; `source=keras` downloads them through Keras.
 """
 
@@ -49,6 +50,7 @@ SPLITS = {
     "cifar10": {"train": {}, "test": {}, "small": {"per_class": 100, "seed": 0}},
 }
 SOURCES = ("shared", "keras")
+SAMPLE_OPTIONS = ("per_class", "seed")  # any spec: a seeded sample of per_class images of each class
 
 
 @dataclass
@@ -149,15 +151,25 @@ def parse_data_spec(text: str) -> tuple[str, str, dict[str, str]]:
 def open_dataset(spec: str, data_dir: str | os.PathLike | None = None) -> Dataset:
     """Open the dataset a data spec names (see the module docstring); nothing is decoded yet."""
     kind, target, options = parse_data_spec(spec)
+    own = SPLITS.get(kind, {}).get(target, {})
+    sample = {name: options.pop(name) for name in SAMPLE_OPTIONS if name in options and name not in own}
     if kind in SPLITS:
-        return _open_builtin(kind, target, options, paths.data_dir(data_dir))
-    if options:
-        raise InvalidInputError(f"{kind} takes no options, got {sorted(options)}")
-    if kind == "folder":
-        return open_folder(Path(target))
-    if kind == "npz":
-        return open_npz(Path(target))
-    raise UnknownNameError("dataset kind", kind, [*SPLITS, "folder", "npz"])
+        dataset = _open_builtin(kind, target, options, paths.data_dir(data_dir))
+    elif options:
+        raise InvalidInputError(f"{kind} takes only the options {', '.join(SAMPLE_OPTIONS)}, got {sorted(options)}")
+    elif kind == "folder":
+        dataset = open_folder(Path(target))
+    elif kind == "npz":
+        dataset = open_npz(Path(target))
+    else:
+        raise UnknownNameError("dataset kind", kind, [*SPLITS, "folder", "npz"])
+    if not sample:
+        return dataset
+    if "per_class" not in sample:
+        raise InvalidInputError("option seed needs per_class: it seeds a sample of per_class images of each class")
+    per_class, seed = _int_option(sample, "per_class", 1), _int_option({"seed": 0, **sample}, "seed", 0)
+    joiner = "&" if "?" in dataset.spec else "?"
+    return stratified_sample(dataset, per_class, seed, f"{dataset.spec}{joiner}per_class={per_class}&seed={seed}")
 
 
 def _int_option(options: dict, name: str, minimum: int) -> int:
@@ -232,10 +244,20 @@ def _open_cifar10(split: str, params: dict, source: str, data_dir: Path, spec: s
     if split != "small":
         full.spec = spec
         return full
-    rng = np.random.default_rng(params["seed"])
-    chosen = [np.sort(rng.choice(np.flatnonzero(full.labels == c), params["per_class"], replace=False))
-              for c in range(len(CIFAR10_CLASSES))]
-    return full.subset(np.concatenate(chosen), spec)
+    return stratified_sample(full, params["per_class"], params["seed"], spec)
+
+
+def stratified_sample(dataset: Dataset, per_class: int, seed: int, spec: str) -> Dataset:
+    """A seeded sample of `per_class` items of every class, in the dataset's order."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in range(len(dataset.class_names)):
+        members = np.flatnonzero(dataset.labels == label)
+        if per_class > len(members):
+            raise InvalidInputError(f"cannot sample {per_class} images of class {dataset.class_names[label]!r} "
+                                    f"from {len(members)}")
+        chosen.append(rng.choice(members, per_class, replace=False))
+    return dataset.subset(np.sort(np.concatenate(chosen)), spec)
 
 
 def _seeded_sample(indices: np.ndarray, n: int, seed: int) -> np.ndarray:

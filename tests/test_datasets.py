@@ -92,6 +92,7 @@ def test_npz_reader(tmp_path):
     ("mnist:huge", UnknownNameError, ["mnist split", "small-test"]),
     ("mnist:small?n=abc", InvalidInputError, ["integer"]),
     ("mnist:test?n=5", InvalidInputError, ["takes options"]),
+    ("mnist:test?seed=5", InvalidInputError, ["needs per_class"]),
     ("mnist", InvalidInputError, ["must look like"]),
     ("folder:/nonexistent/dir", InvalidInputError, ["not found"]),
     ("mnist:small?source=web", UnknownNameError, ["keras"]),
@@ -112,3 +113,16 @@ def test_wrong_mnist_checksum_is_refused(tmp_path):
     (tmp_path / "SHA256SUMS").write_text("0" * 64 + "  mnist.npz\n")
     with pytest.raises(Exception, match="sha256 mismatch"):
         open_dataset("mnist:test", data_dir=tmp_path)
+
+
+def test_any_spec_takes_a_seeded_per_class_sample(tmp_path):
+    test = open_dataset("cifar10:test?per_class=20&seed=3")
+    assert len(test) == 200 and np.bincount(test.labels).tolist() == [20] * 10
+    assert test.spec == "cifar10:test?per_class=20&seed=3"
+    assert test.sources == open_dataset("cifar10:test?per_class=20&seed=3").sources
+    assert test.sources != open_dataset("cifar10:test?per_class=20").sources
+    odd = open_dataset("mnist:small-test?per_class=7")
+    assert np.bincount(odd.labels).tolist() == [7] * 5 and odd.spec == "mnist:small-test?per_class=7&seed=0"
+    x = np.zeros((6, 4, 4), np.uint8)
+    np.savez(tmp_path / "d.npz", x=x, y=np.array([0, 0, 0, 1, 1, 1]))
+    assert len(open_dataset(f"npz:{tmp_path / 'd.npz'}?per_class=2")) == 4

@@ -1,0 +1,110 @@
+"""Experiments, reports and head comparison, end to end on tiny data."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from classifiers.experiments import Experiment, ExperimentRunner, Features, Method, RunSettings
+from classifiers.report import ExperimentResult, MethodResult, format_table, new_run_dir, write_report
+from classifiers.trial_cache import TrialCache
+from conftest import make_npz
+from extractor.store import EmbeddingStore
+
+
+def test_report_has_the_documented_form(tmp_path):
+    rows = [MethodResult("transfer", [0.91, 0.93], 1.5, {"epochs": 3}, (91.0, 92.6),
+                         [{"accuracy": [0.5, 0.9], "val_accuracy": [0.4, 0.8]}] * 2),
+            MethodResult("scratch", [0.80], 9.0, {}, (84.0, 87.3), note="1 of 15 trials")]
+    experiment = ExperimentResult("tl_mnist", "digits", rows)
+    table = format_table(experiment)
+    assert "91.0-93.0%" in table and "92.0%" in table and "91.0-92.6%" in table and "within" in table
+    assert "below" in table and "note: scratch: 1 of 15 trials" in table
+    run_dir = new_run_dir(tmp_path / "runs")
+    written = write_report(run_dir, [experiment], timings={"tl_mnist": {"classic": 100.0, "cached": 1.0}})
+    assert (tmp_path / "runs" / "latest").resolve() == run_dir.resolve()
+    report = json.loads((run_dir / "report.json").read_text())
+    method = report["experiments"]["tl_mnist"]["methods"]["transfer"]
+    assert method["accuracies"] == [0.91, 0.93] and method["trials"] == 2
+    assert {"min", "max", "mean", "seconds", "settings"} <= set(method)
+    assert report["experiments"]["tl_mnist"]["lecture"] == {"transfer": [91.0, 92.6], "scratch": [84.0, 87.3]}
+    assert "environment" in report
+    assert sorted(p.name for p in written if p.suffix == ".png") == [
+        "time-classic-vs-cached.png", "tl_mnist-accuracy.png", "tl_mnist-learning-curves.png"]
+    assert all(p.stat().st_size > 5000 for p in written if p.suffix == ".png")
+
+
+@pytest.fixture(scope="module")
+def tiny_experiment(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    train = make_npz(folder / "train.npz", 60, seed=1)
+    test = make_npz(folder / "test.npz", 30, seed=2)
+    features = Features("vgg16")
+    return Experiment("tiny", "random images", train + "?per_class=6&seed={seed}", test, (
+        Method("head", "head", "linear", features, epochs=3, batch_size=4, lecture=(0.0, 100.0), validate=True),
+        Method("logreg", "sklearn", "logreg", features, beyond=True),
+        Method("scratch", "scratch", "relu", None, epochs=1, batch_size=8),
+        Method("classic", "classic", "linear", features, epochs=3, batch_size=4),
+    ))
+
+
+def test_runner_trains_every_kind_of_row(tmp_path, tiny_experiment):
+    cache = TrialCache(tmp_path / "trials")
+    settings = RunSettings(trials=2)
+    with EmbeddingStore(tmp_path / "s.sqlite") as store:
+        result = ExperimentRunner(store, settings, trial_cache=cache).run(tiny_experiment)
+        rows = {row.name: row for row in result.methods}
+        assert len(rows["head"].accuracies) == 2 and len(rows["head"].histories[0]["val_accuracy"]) == 3
+        assert len(rows["logreg"].accuracies) == 2
+        assert len(rows["scratch"].accuracies) == 1 and "1 of 2 trials" in rows["scratch"].note
+        assert rows["classic"].accuracies == [] and "timing only" in rows["classic"].note
+        assert rows["classic"].settings["seconds_per_full_trial"] > 0
+        timing = result.details["timing"]
+        assert timing["classic_full_table_seconds"] > 0 and timing["speedup"] > 0
+        assert 18 + 30 <= result.details["embedding"]["vgg16/default"]["computed"] <= 2 * 18 + 30  # samples overlap
+
+        again = ExperimentRunner(store, settings, trial_cache=cache).run(tiny_experiment)
+        rows_again = {row.name: row for row in again.methods}
+        assert rows_again["head"].accuracies == rows["head"].accuracies  # same seeds, same outcome
+        assert rows_again["scratch"].accuracies == rows["scratch"].accuracies
+        assert "reused from the trial cache" in rows_again["scratch"].note
+        assert again.details["embedding"]["vgg16/default"]["computed"] == 0
+
+
+def test_compare_command(tmp_path):
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(3, 8)) * 3
+    store_path = tmp_path / "s.sqlite"
+    with EmbeddingStore(store_path) as store:
+        for name, n in (("train", 30), ("test", 60)):
+            labels = np.arange(n) % 3
+            vectors = (centers[labels] + rng.normal(size=(n, 8))).astype(np.float32)
+            keys = [rng.bytes(32) for _ in range(n)]
+            store.begin_feature_set(name, fingerprint="f" * 64, backbone={"name": "x"}, data_spec="synthetic",
+                                    class_names=["a", "b", "c"])
+            store.append_batch(name, 0, keys, labels, keys, vectors)
+            store.finish_feature_set(name, n)
+    out = subprocess.run([sys.executable, "-m", "classifiers", "--store", str(store_path), "--runs-dir",
+                          str(tmp_path / "runs"), "compare", "--train-set", "train", "--test-set", "test",
+                          "--heads", "linear,logreg,knn", "--trials", "3", "--epochs", "60"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "linear" in out.stdout and "logreg" in out.stdout and "knn" in out.stdout
+    report = json.loads((tmp_path / "runs" / "latest" / "report.json").read_text())
+    methods = report["experiments"]["compare"]["methods"]
+    assert methods["linear"]["trials"] == 3 and methods["linear"]["mean"] > 0.8
+    assert methods["logreg"]["mean"] > 0.8
+
+
+def test_compare_refuses_sets_from_different_backbones(tmp_path):
+    store_path = tmp_path / "s.sqlite"
+    with EmbeddingStore(store_path) as store:
+        for name, fingerprint in (("a", "1" * 64), ("b", "2" * 64)):
+            store.begin_feature_set(name, fingerprint=fingerprint, backbone={}, data_spec="d", class_names=["x"])
+            store.append_batch(name, 0, [name.encode() * 32], [0], [name.encode() * 32], np.ones((1, 2), np.float32))
+            store.finish_feature_set(name, 1)
+    out = subprocess.run([sys.executable, "-m", "classifiers", "--store", str(store_path), "compare",
+                          "--train-set", "a", "--test-set", "b"], capture_output=True, text=True)
+    assert out.returncode == 2 and "different backbones" in out.stderr
