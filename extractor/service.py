@@ -100,10 +100,12 @@ HeadLoader = Callable[[Path], Head]
 
 
 def load_saved_head(path: Path) -> Head:
-    """Load a head written by `classifiers.persistence.save_head`; its name is the file's stem."""
-    from classifiers.persistence import load_head
+    """Load a head written by `classifiers.persistence.save_head` (its file checked against the sha256 its
+    sidecar records before it is deserialised); its name is the file's stem."""
+    from classifiers.persistence import load_head, read_sidecar
 
-    model, metadata = load_head(path)
+    model = load_head(path)
+    metadata = read_sidecar(path)
     return Head(path.stem, metadata["backbone_fingerprint"], list(metadata["class_names"]), model)
 
 
