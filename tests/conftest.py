@@ -4,16 +4,16 @@ that test servers serve, and the two sizes of the reliability tests with the fig
 import io
 import os
 
-import joblib
 import numpy as np
 import pytest
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
+from classifiers.persistence import save_head
 from extractor import paths
 from extractor.backbones import get_backbone_spec, load_backbone
 from extractor.server import FeatureServer
-from extractor.service import FeatureService, Head, Limits
+from extractor.service import FeatureService, Limits
 from extractor.store import EmbeddingStore
 
 LIMITS = Limits(max_images_per_request=64, max_message_bytes=2 * 2**20, max_decoded_pixels=100 * 100)
@@ -61,34 +61,33 @@ def png(array: np.ndarray) -> bytes:
     return out.getvalue()
 
 
-# --- test servers: VGG16 at 32x32 and heads saved the way `fake_head_loader` reads them --------------------
+# --- test servers: VGG16 at 32x32 and heads saved by classifiers.persistence -------------------------------
 
 @pytest.fixture(scope="session")
 def spec(data_dir):
     return get_backbone_spec("vgg16", data_dir=data_dir)
 
 
+def fitted_head(spec, head=None):
+    """`head` (default: a logistic regression) fitted on random vectors of `spec`'s width, 3 classes."""
+    X = np.random.default_rng(0).normal(size=(60, spec.output_dim)).astype(np.float32)
+    return (head or LogisticRegression(max_iter=200)).fit(X, np.arange(60) % 3)
+
+
 @pytest.fixture(scope="session")
 def heads_dir(spec, tmp_path_factory):
     """Saved heads: `lr` for VGG16 and `orphan` for a backbone not served; and a file that is not a head."""
     folder = tmp_path_factory.mktemp("heads")
-    X = np.random.default_rng(0).normal(size=(60, spec.output_dim)).astype(np.float32)
-    model = LogisticRegression(max_iter=200).fit(X, np.arange(60) % 3)
-    joblib.dump({"model": model, "fingerprint": spec.fingerprint}, folder / "lr.joblib")
-    joblib.dump({"model": model, "fingerprint": "0" * 64}, folder / "orphan.joblib")
+    save_head(fitted_head(spec), folder / "lr", backbone_fingerprint=spec.fingerprint, class_names=CLASSES)
+    save_head(fitted_head(spec), folder / "orphan", backbone_fingerprint="0" * 64, class_names=CLASSES)
     (folder / "notes.txt").write_text("not a head")
     return folder
 
 
-def fake_head_loader(path) -> Head:
-    saved = joblib.load(path)
-    return Head(path.stem, saved["fingerprint"], CLASSES, saved["model"])
-
-
 def start_server(spec, store_path, *, heads_dir=None, backbone_loader=load_backbone, start=True, max_wait=0.05,
-                 limits=LIMITS, head_loader=fake_head_loader, **server_options):
+                 limits=LIMITS, **server_options):
     service = FeatureService([spec], EmbeddingStore(store_path), limits=limits, max_wait=max_wait,
-                             heads_dir=heads_dir, head_loader=head_loader, backbone_loader=backbone_loader)
+                             heads_dir=heads_dir, backbone_loader=backbone_loader)
     server = FeatureServer(service, port=0, **server_options)
     if start:
         server.start()

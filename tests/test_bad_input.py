@@ -45,6 +45,8 @@ SERVER_PEAK_GROWTH = 512 * 2**20
 READER_PEAK_GROWTH = 3 * 2**30
 SERVICE = pb.DESCRIPTOR.services_by_name["FeatureService"]
 
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:PIL")  # damaged files: Pillow warns, then refuses
+
 
 def run_cases(target: str, cases: int, strategy, check, figures) -> None:
     """`check` every one of `cases` examples drawn from `strategy` (derandomized); count them for the report."""

@@ -7,17 +7,16 @@ import subprocess
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
-from conftest import CLASSES, random_images, start_server
+from classifiers.persistence import save_head
+from conftest import CLASSES, fitted_head, random_images, start_server
 from extractor import paths
 from extractor.cli import build_parser
 from extractor.client import FeatureClient, RemoteError
 from extractor.errors import ChecksumError
-from extractor.service import load_saved_head
 from extractor.store import EmbeddingStore
 from protos import feature_service_pb2 as pb
 
@@ -115,21 +114,12 @@ class CreatesAFileWhenUnpickled:
         return Path.touch, (self.marker,)
 
 
-def fitted_head(spec):
-    from sklearn.linear_model import LogisticRegression
-
-    X = np.random.default_rng(0).normal(size=(30, spec.output_dim)).astype(np.float32)
-    return LogisticRegression(max_iter=100).fit(X, np.arange(30) % 3)
-
-
 def test_a_saved_head_whose_file_was_altered_is_refused(spec, tmp_path):
     """A head saved by `classifiers.persistence` is served; once its file is altered, the server refuses
     to start (it never says SERVING, calls are UNAVAILABLE) and the file is never unpickled."""
-    from classifiers.persistence import save_head
-
     heads = tmp_path / "heads"
     saved = save_head(fitted_head(spec), heads / "lr", backbone_fingerprint=spec.fingerprint, class_names=CLASSES)
-    server = start_server(spec, tmp_path / "store.sqlite", heads_dir=heads, head_loader=load_saved_head)
+    server = start_server(spec, tmp_path / "store.sqlite", heads_dir=heads)
     try:
         with FeatureClient(f"127.0.0.1:{server.port}") as client:
             assert client.classify("lr", random_images(1, seed=3)).labels[0] in CLASSES
@@ -138,7 +128,7 @@ def test_a_saved_head_whose_file_was_altered_is_refused(spec, tmp_path):
 
     marker = tmp_path / "the altered file was unpickled"
     saved.write_bytes(pickle.dumps(CreatesAFileWhenUnpickled(marker)))
-    server = start_server(spec, tmp_path / "store.sqlite", heads_dir=heads, head_loader=load_saved_head, start=False)
+    server = start_server(spec, tmp_path / "store.sqlite", heads_dir=heads, start=False)
     try:
         with pytest.raises(ChecksumError, match="sha256 mismatch"):
             server.start()

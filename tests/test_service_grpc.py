@@ -5,13 +5,14 @@ import shutil
 import threading
 
 import grpc
-import joblib
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from sklearn.linear_model import LogisticRegression
 
-from conftest import CLASSES, random_images, png, start_server
+from classifiers.persistence import load_head, save_head
+from conftest import CLASSES, fitted_head, png, random_images, start_server
 from extractor.backbones import load_backbone
 from extractor.cli import main
 from extractor.client import FeatureClient, RemoteError
@@ -23,7 +24,7 @@ from extractor.store import EmbeddingStore
 from protos import feature_service_pb2 as pb
 from protos import feature_service_pb2_grpc as pb_grpc
 
-class RaisingModel:
+class RaisingModel(LogisticRegression):
     def predict_proba(self, X):
         raise RuntimeError("secret detail from deep inside the head")
 
@@ -41,7 +42,8 @@ def served_heads(spec, heads_dir, tmp_path_factory):
     """The shared heads plus one that fails when asked."""
     folder = tmp_path_factory.mktemp("served-heads")
     shutil.copytree(heads_dir, folder, dirs_exist_ok=True)
-    joblib.dump({"model": RaisingModel(), "fingerprint": spec.fingerprint}, folder / "broken.joblib")
+    save_head(fitted_head(spec, RaisingModel()), folder / "broken", backbone_fingerprint=spec.fingerprint,
+              class_names=CLASSES)
     return folder
 
 
@@ -285,7 +287,7 @@ def test_heads_are_listed_and_classify_matches_the_head(client, server, referenc
     assert list(heads["lr"].class_names) == CLASSES
     images = random_images(4, seed=8)
     result = client.classify("lr", images + [b"junk"])
-    model = joblib.load(heads_dir / "lr.joblib")["model"]
+    model = load_head(heads_dir / "lr.joblib")
     expected = model.predict_proba(reference(images)).astype(np.float32)
     assert np.array_equal(result.probabilities[:4], expected)
     assert result.labels[:4] == [CLASSES[i] for i in expected.argmax(axis=1)] and result.labels[4] == ""
