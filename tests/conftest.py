@@ -110,10 +110,15 @@ def reliability_sizes(short, full) -> list:
 
 
 class ReliabilityFigures:
-    """Counts and measurements of the reliability tests, by name; counts add up over tests."""
+    """Counts and measurements of the reliability tests, by name; counts add up over tests. The counts of
+    what must never happen start at 0, so a report says so even when nothing went wrong."""
+
+    MUST_BE_ZERO = ("internal_errors", "crashes", "vectors_lost", "store_verify_failures", "errors_under_load",
+                    "calls_lost_on_sigterm")
 
     def __init__(self):
-        self.values: dict = {}
+        self.values: dict = {"cases_tried": 0, "kills": 0, **dict.fromkeys(self.MUST_BE_ZERO, 0)}
+        self.tests: list[str] = []
 
     def add(self, **counts: int) -> None:
         for name, count in counts.items():
@@ -135,12 +140,17 @@ FULL_RUN_FIGURES = ReliabilityFigures()
 @pytest.fixture
 def figures(request) -> ReliabilityFigures:
     """Where a reliability test records its figures; only the full size's are reported."""
-    return FULL_RUN_FIGURES if request.node.get_closest_marker("reliability") else ReliabilityFigures()
+    if request.node.get_closest_marker("reliability"):
+        FULL_RUN_FIGURES.tests.append(request.node.nodeid)
+        return FULL_RUN_FIGURES
+    return ReliabilityFigures()
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if FULL_RUN_FIGURES.values:
+    """After a run with full-size reliability tests: their figures to benchmarks/results/reliability.json."""
+    if FULL_RUN_FIGURES.tests:
         from benchmarks.common import write_results
 
-        path = write_results("reliability", {**FULL_RUN_FIGURES.values, "tests_passed": exitstatus == 0})
+        path = write_results("reliability", {**FULL_RUN_FIGURES.values, "all_passed": exitstatus == 0,
+                                             "tests": FULL_RUN_FIGURES.tests})
         print(f"\nreliability figures written to {path}")

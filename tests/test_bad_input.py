@@ -26,6 +26,7 @@ from hypothesis.extra import numpy as hnp
 from PIL import Image
 
 from conftest import CLASSES, LIMITS, process_status, random_images, reliability_sizes, start_server
+from extractor.client import tensor
 from extractor.datasets import IMAGE_SUFFIXES, Dataset, open_dataset
 from extractor.errors import ExtractorError, InvalidInputError, LimitExceededError
 from extractor.images import DEFAULT_MAX_PIXELS, canonical_pixels, decode_image
@@ -310,8 +311,7 @@ def channel(server):
 @pytest.fixture(scope="module")
 def stored(channel) -> dict[bytes, np.ndarray]:
     """Vectors the server holds, by content key."""
-    images = [pb.Image(pixels=pb.Tensor(data=image.tobytes(), shape=image.shape, dtype="uint8"))
-              for image in random_images(3, seed=42)]
+    images = [pb.Image(pixels=tensor(image)) for image in random_images(3, seed=42)]
     response = rpc(channel, "Embed")(pb.EmbedRequest(backbone=BACKBONE, images=images), timeout=60)
     vectors = np.frombuffer(response.vectors.data, "<f4").reshape(3, DIM)
     return {response.keys[i * 32:(i + 1) * 32]: vectors[i] for i in range(3)}
@@ -345,9 +345,8 @@ def still_serving(channel, figures):
     """After the test: health says SERVING and a good image is embedded."""
     yield
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
-    image = random_images(1, seed=7)[0]
     response = rpc(channel, "Embed")(pb.EmbedRequest(backbone=BACKBONE, images=[
-        pb.Image(pixels=pb.Tensor(data=image.tobytes(), shape=image.shape, dtype="uint8"))]), timeout=60)
+        pb.Image(pixels=tensor(random_images(1, seed=7)[0]))]), timeout=60)
     if health.status != health_pb2.HealthCheckResponse.SERVING or response.errors:
         figures.add(crashes=1)
     assert health.status == health_pb2.HealthCheckResponse.SERVING and not response.errors
