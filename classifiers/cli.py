@@ -15,6 +15,7 @@ EPILOG = """examples:
   python -m classifiers run --full                  # every row at the lecture's full settings (hours)
   python -m classifiers run --experiments cifar_vgg --trials 5
   python -m classifiers compare --train-set NAME --test-set NAME --heads linear,mlp512-tanh,logreg,knn
+  python -m classifiers train --train-set NAME --head logreg --out heads/digits   # then: extractor serve --heads heads
 """
 
 
@@ -51,6 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--epochs", type=int, default=100, help="epochs of Keras heads (default 100)")
     compare.add_argument("--batch-size", type=int, default=4, help="batch size of Keras heads (default 4)")
     compare.set_defaults(run=cmd_compare)
+
+    train = commands.add_parser("train", help="train one head on a feature set and save it for serving",
+                                description="Train a head on a feature set of the store and save it (with its "
+                                            "backbone fingerprint, class names and sha256) where "
+                                            "`extractor serve --heads DIR` finds it.")
+    train.add_argument("--train-set", required=True, help="feature set to train on")
+    train.add_argument("--head", required=True, help="a KerasHead spec or logreg, knn, linear-svm, ridge")
+    train.add_argument("--out", required=True, help="model file to write (suffix .keras or .joblib is added)")
+    train.add_argument("--epochs", type=int, default=100, help="epochs of Keras heads (default 100)")
+    train.add_argument("--batch-size", type=int, default=4, help="batch size of Keras heads (default 4)")
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(run=cmd_train)
     return parser
 
 
@@ -137,6 +150,23 @@ def cmd_compare(args) -> int:
     run_dir = new_run_dir(Path(args.runs_dir))
     write_report(run_dir, [result])
     print(f"\nreport: {run_dir}/report.md")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from classifiers.baselines import make_head
+    from classifiers.heads import HEAD_SPECS
+    from classifiers.persistence import save_head
+    from extractor import paths
+    from extractor.store import EmbeddingStore
+
+    with EmbeddingStore(paths.store_path(args.store), readonly=True) as store:
+        X, y, class_names = store.load_feature_set(args.train_set)
+        fingerprint = store.feature_set(args.train_set).fingerprint
+    params = {"epochs": args.epochs, "batch_size": args.batch_size} if args.head in HEAD_SPECS else {}
+    head = make_head(args.head, random_state=args.seed, **params).fit(X, y)
+    path = save_head(head, args.out, backbone_fingerprint=fingerprint, class_names=class_names)
+    print(f"{path}  ({args.head} on {args.train_set}: {len(X)} vectors, training accuracy {head.score(X, y):.3f})")
     return 0
 
 

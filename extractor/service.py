@@ -100,13 +100,16 @@ HeadLoader = Callable[[Path], Head]
 
 
 def load_saved_head(path: Path) -> Head:
-    """Load a head written by `classifiers.persistence.save_head` (its file checked against the sha256 its
-    sidecar records before it is deserialised); its name is the file's stem."""
+    """Load a head written by `classifiers.persistence.save_head`; its name is the file's stem."""
     from classifiers.persistence import load_head, read_sidecar
 
-    model = load_head(path)
     metadata = read_sidecar(path)
-    return Head(path.stem, metadata["backbone_fingerprint"], list(metadata["class_names"]), model)
+    model = load_head(path)  # checks the file's sha256 against the sidecar first
+    names = list(metadata["class_names"])
+    # predict_proba's columns follow model.classes_: integer labels index the class names
+    columns = [names[int(c)] if isinstance(c, (int, np.integer)) and 0 <= c < len(names) else str(c)
+               for c in model.classes_]
+    return Head(path.stem, metadata["backbone_fingerprint"], columns, model)
 
 
 def load_heads(directory: str | Path, loader: HeadLoader) -> dict[str, Head]:

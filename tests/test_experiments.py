@@ -73,10 +73,9 @@ def test_runner_trains_every_kind_of_row(tmp_path, tiny_experiment):
         assert again.details["embedding"]["vgg16/default"]["computed"] == 0
 
 
-def test_compare_command(tmp_path):
-    rng = np.random.default_rng(0)
+def synthetic_sets(store_path, rng):
+    """Feature sets "train" (30) and "test" (60) of 8-d vectors around three class centres."""
     centers = rng.normal(size=(3, 8)) * 3
-    store_path = tmp_path / "s.sqlite"
     with EmbeddingStore(store_path) as store:
         for name, n in (("train", 30), ("test", 60)):
             labels = np.arange(n) % 3
@@ -86,6 +85,12 @@ def test_compare_command(tmp_path):
                                     class_names=["a", "b", "c"])
             store.append_batch(name, 0, keys, labels, keys, vectors)
             store.finish_feature_set(name, n)
+
+
+def test_compare_command(tmp_path):
+    rng = np.random.default_rng(0)
+    store_path = tmp_path / "s.sqlite"
+    synthetic_sets(store_path, rng)
     out = subprocess.run([sys.executable, "-m", "classifiers", "--store", str(store_path), "--runs-dir",
                           str(tmp_path / "runs"), "compare", "--train-set", "train", "--test-set", "test",
                           "--heads", "linear,logreg,knn", "--trials", "3", "--epochs", "60"],
@@ -108,3 +113,22 @@ def test_compare_refuses_sets_from_different_backbones(tmp_path):
     out = subprocess.run([sys.executable, "-m", "classifiers", "--store", str(store_path), "compare",
                           "--train-set", "a", "--test-set", "b"], capture_output=True, text=True)
     assert out.returncode == 2 and "different backbones" in out.stderr
+
+
+@pytest.mark.parametrize("head", ["logreg", "linear"])
+def test_a_trained_and_saved_head_is_served_with_its_class_names(tmp_path, head):
+    from extractor.service import load_heads, load_saved_head
+
+    store_path = tmp_path / "s.sqlite"
+    synthetic_sets(store_path, np.random.default_rng(1))
+    out = subprocess.run([sys.executable, "-m", "classifiers", "--store", str(store_path), "train",
+                          "--train-set", "train", "--head", head, "--epochs", "100", "--out",
+                          str(tmp_path / "heads" / "abc")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    heads = load_heads(tmp_path / "heads", load_saved_head)
+    assert list(heads) == ["abc"] and heads["abc"].class_names == ["a", "b", "c"]
+    assert heads["abc"].backbone_fingerprint == "f" * 64
+    with EmbeddingStore(store_path, readonly=True) as store:
+        X, y, _ = store.load_feature_set("test")
+    probabilities = heads["abc"].model.predict_proba(X)
+    assert probabilities.shape == (60, 3) and np.mean(probabilities.argmax(1) == y) > 0.8
