@@ -56,18 +56,18 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
             if width * height > max_pixels:
                 raise LimitExceededError("decoded pixels", width * height, max_pixels)
             image.load()
+            if image.mode in ("L", "I;16", "I", "F", "1"):
+                image = image.convert("L")
+            elif image.mode != "RGB":
+                image = image.convert("RGB")
     except LimitExceededError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise LimitExceededError("decoded pixels", "over Pillow's bomb threshold", max_pixels) from exc
     except UnidentifiedImageError:
         raise InvalidInputError("cannot decode image: not a recognised image format") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except Exception as exc:  # Pillow's plugins raise TypeError, IndexError, ... too on some damaged files
         raise InvalidInputError(f"cannot decode image: {exc}") from exc
-    if image.mode in ("L", "I;16", "I", "F", "1"):
-        image = image.convert("L")
-    elif image.mode != "RGB":
-        image = image.convert("RGB")
     return canonical_pixels(np.asarray(image))
 
 

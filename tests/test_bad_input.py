@@ -146,9 +146,10 @@ def _patched(fmt: str, mode: str, patch) -> bytes:
     return bytes(data)
 
 
-def _tiff(width: int, height: int) -> bytes:
+def _tiff(width: int, height: int, offsets_type: int = 4) -> bytes:
+    """A grayscale TIFF declaring `width` x `height`, its strip offsets tagged as LONG (4) or `offsets_type`."""
     entries = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
-               (273, 4, 1, 8 + 2 + 12 * 8 + 4), (278, 4, 1, height), (279, 4, 1, 16)]
+               (273, offsets_type, 1, 8 + 2 + 12 * 8 + 4), (278, 4, 1, height), (279, 4, 1, 16)]
     directory = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *e) for e in entries) + bytes(4)
     return b"II*\x00" + struct.pack("<I", 8) + directory + bytes(16)
 
@@ -273,8 +274,8 @@ def request_count(request) -> int:
     return len(request.images) + (request.batch.shape[0] if request.HasField("batch") else 0)
 
 
-def checked_rows(matrix: pb.Matrix, errors, count: int, dim: int) -> np.ndarray:
-    """The (count, dim) rows of a response, checked against its per-image errors; returns which failed."""
+def checked_rows(matrix: pb.Matrix, errors, count: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (count, dim) rows of a response, checked against its per-image errors, and which failed."""
     assert (matrix.rows, matrix.dim) == (count, dim)
     rows = np.frombuffer(matrix.data, "<f4").reshape(count, dim)
     failed = [error.index for error in errors]
@@ -283,11 +284,11 @@ def checked_rows(matrix: pb.Matrix, errors, count: int, dim: int) -> np.ndarray:
     bad = np.zeros(count, dtype=bool)
     bad[failed] = True
     assert np.isnan(rows[bad]).all() and np.isfinite(rows[~bad]).all()
-    return bad
+    return rows, bad
 
 
 def checked_embedding(response: pb.EmbedResponse, count: int) -> None:
-    bad = checked_rows(response.vectors, response.errors, count, DIM)
+    _, bad = checked_rows(response.vectors, response.errors, count, DIM)
     keys = np.frombuffer(response.keys, np.uint8).reshape(count, 32)
     assert len(response.cached) == count and not keys[bad].any()
 
@@ -378,9 +379,8 @@ def test_classify(cases, channel, figures, still_serving):
         response, code = outcome(lambda: classify(request, timeout=120), figures)
         assert code in allowed_codes(request, name == HEAD)
         if code == OK:
-            count = request_count(request)
-            bad = checked_rows(response.probabilities, response.errors, count, len(CLASSES))
-            probabilities = np.frombuffer(response.probabilities.data, "<f4").reshape(count, -1)
+            probabilities, bad = checked_rows(response.probabilities, response.errors, request_count(request),
+                                              len(CLASSES))
             np.testing.assert_allclose(probabilities[~bad].sum(axis=1), 1, atol=1e-4)
             assert [label in CLASSES for label in response.labels] == list(~bad)
 
@@ -522,6 +522,12 @@ def test_a_60000_square_bomb_is_refused_at_the_default_limit():
     for fmt in ("PNG", "JPEG", "GIF", "BMP", "PPM", "TIFF", "WEBP"):
         with pytest.raises(LimitExceededError):
             decode_image(DECLARED[fmt][1](60000, 60000), DEFAULT_MAX_PIXELS)
+
+
+def test_a_tiff_whose_strip_offsets_are_text_is_invalid_input():
+    """Found by the full run: Pillow raised TypeError loading it, which reached clients as INTERNAL."""
+    with pytest.raises(InvalidInputError, match="cannot decode image"):
+        decode_image(_tiff(2, 2, offsets_type=2), MAX_PIXELS)
 
 
 ARRAY_DTYPES = st.sampled_from([np.uint8, np.uint8, np.float32, np.float64, np.int16, np.uint16, np.int8, np.bool_])
