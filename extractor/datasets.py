@@ -21,6 +21,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 MNIST_FILE = "mnist.npz"
 CIFAR10_FILE = "cifar10-jpeg.tar.gz"
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+MAX_CLASSES = 100_000  # labels an npz may use without naming its classes; a larger label is a broken file
 EVEN_DIGITS, ODD_DIGITS = (0, 2, 4, 6, 8), (1, 3, 5, 7, 9)
 
 # Every split's options with their defaults; a spec is made canonical by filling them in.
@@ -139,7 +141,10 @@ def parse_data_spec(text: str) -> tuple[str, str, dict[str, str]]:
             f"data spec {text!r} must look like 'mnist:small', 'cifar10:test', 'folder:PATH' or 'npz:PATH'"
         )
     target, _, query = rest.partition("?")
-    options = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)))
+    try:
+        options = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)))
+    except ValueError as exc:
+        raise InvalidInputError(f"data spec {text!r}: options must look like key=value&key=value ({exc})") from None
     return kind, target, options
 
 
@@ -274,17 +279,28 @@ def open_npz(path: Path) -> Dataset:
     try:
         with np.load(path, allow_pickle=False) as arrays:
             x, y = arrays["x"], arrays["y"]
-            names = [str(n) for n in arrays["class_names"]] if "class_names" in arrays else None
+            names = arrays["class_names"] if "class_names" in arrays else None
     except KeyError as exc:
         raise InvalidInputError(f"{path} must hold arrays 'x' and 'y': {exc}") from None
-    except (OSError, ValueError) as exc:
-        raise InvalidInputError(f"cannot read {path} as npz: {exc}") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise InvalidInputError(f"cannot read {path} as npz: {exc or 'empty file'}") from None
+    except MemoryError as exc:  # numpy allocates what an array's header declares before reading its data
+        raise InvalidInputError(f"cannot read {path} as npz: an array declares more than memory holds ({exc})") from None
     if x.dtype != np.uint8 or x.ndim not in (3, 4):
         raise InvalidInputError(f"{path}: x must be uint8 (N, H, W[, C]), got {x.dtype} {x.shape}")
     y = np.asarray(y).reshape(-1)
     if len(y) != len(x) or not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
         raise InvalidInputError(f"{path}: y must be {len(x)} non-negative integers, got {y.dtype} {y.shape}")
-    names = names or [str(c) for c in range(int(y.max()) + 1 if len(y) else 0)]
+    classes = int(y.max()) + 1 if len(y) else 0
+    if names is None:
+        if classes > MAX_CLASSES:
+            raise InvalidInputError(f"{path}: label {classes - 1} without class_names (labels must be under "
+                                    f"{MAX_CLASSES})")
+        names = [str(c) for c in range(classes)]
+    elif names.ndim != 1 or len(names) < classes:
+        raise InvalidInputError(f"{path}: class_names must list at least {classes} names, got shape {names.shape}")
+    else:
+        names = [str(n) for n in names]
     return _array_dataset(f"npz:{path.resolve()}", x, y, np.arange(len(y)), names, str(path))
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
 
 import numpy as np
@@ -10,6 +12,9 @@ import numpy as np
 from extractor.errors import InvalidInputError, LimitExceededError
 
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024  # decoded pixels per image; larger headers are decompression bombs
+# The formats the readers accept (datasets.IMAGE_SUFFIXES). Pillow's other plugins (EPS through Ghostscript,
+# DDS, SPIDER, ...) are never tried on bytes a client sends.
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "PPM")
 
 
 def canonical_pixels(array: np.ndarray) -> np.ndarray:
@@ -46,29 +51,31 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             width, height = image.size
             if width * height > max_pixels:
                 raise LimitExceededError("decoded pixels", width * height, max_pixels)
             image.load()
+            if image.mode in ("L", "I;16", "I", "F", "1"):
+                image = image.convert("L")
+            elif image.mode != "RGB":
+                image = image.convert("RGB")
     except LimitExceededError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise LimitExceededError("decoded pixels", "over Pillow's bomb threshold", max_pixels) from exc
     except UnidentifiedImageError:
         raise InvalidInputError("cannot decode image: not a recognised image format") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except Exception as exc:  # Pillow's plugins raise TypeError, IndexError, ... too on some damaged files
         raise InvalidInputError(f"cannot decode image: {exc}") from exc
-    if image.mode in ("L", "I;16", "I", "F", "1"):
-        image = image.convert("L")
-    elif image.mode != "RGB":
-        image = image.convert("RGB")
     return canonical_pixels(np.asarray(image))
 
 
 def read_image_file(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read and decode one image file (see `decode_image`)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block, /dev/zero never end
+            raise InvalidInputError(f"cannot read {path}: not a regular file")
         with open(path, "rb") as f:
             data = f.read()
     except OSError as exc:

@@ -54,7 +54,8 @@ def shards_dir(override: str | os.PathLike | None, feature_set: str) -> Path:
     """The folder for a Ray job's Parquet shards and manifest (default: per feature set in the cache)."""
     if override:
         return Path(override).expanduser()
-    return cache_dir() / "shards" / re.sub(r"[^A-Za-z0-9._-]", "_", feature_set)
+    # One path component inside shards/: never empty, "." or "..", which would be the folder itself or its parent.
+    return cache_dir() / "shards" / (re.sub(r"^\.|[^A-Za-z0-9._-]", "_", feature_set) or "_")
 
 
 def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:

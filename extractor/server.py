@@ -7,11 +7,14 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from concurrent.futures import CancelledError
+from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -27,6 +30,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatureService"].full_name
 HEALTH_METHODS = "/grpc.health.v1.Health/"
 RPC_THREADS = 64  # blocked calls (waiting for a batch, open streams) each hold one
 NO_DEADLINE = 1e8  # grpc reports "no deadline" as a remaining time of centuries
+# Status details travel percent-encoded in trailing metadata, which grpc caps at 8-16 KiB: an error quoting
+# a client's 20 kB name would otherwise reach the client as a transport error instead of its own status.
+MAX_DETAILS_CHARS = 500
 
 STATUS_BY_ERROR = (
     (UnknownNameError, grpc.StatusCode.NOT_FOUND),
@@ -46,7 +52,10 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """
     for kind, code in STATUS_BY_ERROR:
         if isinstance(error, kind):
-            return code, str(error) or code.name.lower().replace("_", " ")
+            message = str(error) or code.name.lower().replace("_", " ")
+            if len(message) > MAX_DETAILS_CHARS:
+                message = message[:MAX_DETAILS_CHARS - 3] + "..."
+            return code, message
     return grpc.StatusCode.INTERNAL, "internal error; the server logged the details"
 
 
@@ -140,20 +149,48 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
 # --- every call: authentication, then errors to status codes ------------------------------------------
 
 class CallGuard(grpc.ServerInterceptor):
-    """Wraps every method but health's (probes need no secret): checks the bearer token when the server
-    has one, and turns whatever the method raises into a status via `status_for`."""
+    """Wraps every method, health's included: checks the bearer token when the server has one, refuses
+    request messages that do not parse (INVALID_ARGUMENT rather than grpc's INTERNAL), and turns whatever
+    the method raises into a status via `status_for`."""
 
     def __init__(self, token: str | None = None):
         self._expected = f"Bearer {token}".encode() if token else None
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
+        if handler is None:
+            return None
         method = handler_call_details.method
-        if handler is None or method.startswith(HEALTH_METHODS):
-            return handler  # health as grpc ships it: no token, its own non-blocking Watch
         authorized = self._expected is None or hmac.compare_digest(
             dict(handler_call_details.invocation_metadata).get("authorization", "").encode(), self._expected)
+        if authorized and method.startswith(HEALTH_METHODS):
+            return handler  # health as grpc ships it, with its own non-blocking Watch
         return _guarded(handler, method, authorized)
+
+
+class _Malformed:
+    """Stands in for a request message that did not parse, until the guarded method refuses it."""
+
+    def __init__(self, error: DecodeError):
+        self.error = error
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes):
+        try:
+            return deserialize(data)
+        except DecodeError as exc:
+            return _Malformed(exc)
+    return parse
+
+
+def _parsed(request):
+    if isinstance(request, _Malformed):
+        raise InvalidInputError(f"malformed request: {request.error}")
+    return request
 
 
 def _guarded(handler: grpc.RpcMethodHandler, method: str, authorized: bool) -> grpc.RpcMethodHandler:
@@ -161,27 +198,26 @@ def _guarded(handler: grpc.RpcMethodHandler, method: str, authorized: bool) -> g
            ("stream" if handler.response_streaming else "unary")
     behavior = getattr(handler, kind)
 
-    def check() -> None:
+    def checked(request):
         if not authorized:
             raise AuthenticationError("missing or wrong token: send metadata 'authorization: Bearer <token>'")
+        return (_parsed(r) for r in request) if handler.request_streaming else _parsed(request)
 
     if handler.response_streaming:
         def guarded(request, context):
             try:
-                check()
-                yield from behavior(request, context)
+                yield from behavior(checked(request), context)
             except Exception as exc:
                 _abort(context, method, exc)
     else:
         def guarded(request, context):
             try:
-                check()
-                return behavior(request, context)
+                return behavior(checked(request), context)
             except Exception as exc:
                 _abort(context, method, exc)
 
     make = getattr(grpc, f"{kind}_rpc_method_handler")
-    return make(guarded, request_deserializer=handler.request_deserializer,
+    return make(guarded, request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
 
 

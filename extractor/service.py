@@ -138,7 +138,10 @@ def raw_array(raw: RawPixels, *, batch: bool = False) -> np.ndarray:
         raise InvalidInputError(f"{what} shape must be {expected}, got {shape}")
     if math.prod(shape) != len(raw.data):
         raise InvalidInputError(f"{len(raw.data)} bytes of {what} data do not fill shape {shape}")
-    return np.frombuffer(raw.data, dtype=np.uint8).reshape(shape)
+    try:
+        return np.frombuffer(raw.data, dtype=np.uint8).reshape(shape)
+    except ValueError as exc:  # sides too large for an array even with no pixels, e.g. (2**32 - 1, 2**32 - 1, 0)
+        raise InvalidInputError(f"{what} shape {shape} cannot be an array: {exc}") from None
 
 
 def to_pixels(image: ImageInput, max_pixels: int) -> np.ndarray:

@@ -105,6 +105,12 @@ class EmbeddingStore:
             self._db.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
             if not readonly:
                 self._initialise()
+            elif not self._db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]:
+                # A file whose creator was stopped before its first commit: an empty store. The schema goes
+                # in this connection's temporary tables, the file stays untouched.
+                for statement in SCHEMA.replace("CREATE TABLE", "CREATE TEMP TABLE").split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
         except sqlite3.DatabaseError as exc:
             self._db.close()
             raise StoreError(f"{self.path} is not a usable embedding store: {exc}") from exc

@@ -12,7 +12,6 @@ pytest.importorskip("ray", reason="Ray is not installed (the optional extra: pip
 from PIL import Image  # noqa: E402
 
 from extractor import cli, paths  # noqa: E402
-from extractor.backbones import get_backbone_spec  # noqa: E402
 from extractor.datasets import open_dataset  # noqa: E402
 from extractor.embedder import Embedder  # noqa: E402
 from extractor.jobs import run_embed_job  # noqa: E402
@@ -37,11 +36,6 @@ def image_folder(tmp_path_factory):
             Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(root / name / f"{i:03d}.png")
     (root / CORRUPT).write_bytes(b"not an image")
     return root
-
-
-@pytest.fixture(scope="module")
-def spec(data_dir):
-    return get_backbone_spec("vgg16", data_dir=data_dir)
 
 
 @pytest.fixture(scope="module")

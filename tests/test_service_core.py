@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from extractor.backbones import get_backbone_spec
 from extractor.errors import InvalidInputError, LimitExceededError, NotReadyError, UnknownNameError
 from extractor.service import Call, FeatureService, HotVectors, Limits, RawPixels, to_pixels
 from extractor.store import EmbeddingStore
@@ -43,11 +42,6 @@ def image(value: int, size: int = 8) -> np.ndarray:
 
 def raw(array: np.ndarray) -> RawPixels:
     return RawPixels(array.tobytes(), array.shape, str(array.dtype))
-
-
-@pytest.fixture
-def spec(data_dir):
-    return get_backbone_spec("vgg16", data_dir=data_dir)
 
 
 @pytest.fixture

@@ -1,56 +1,32 @@
 """The feature service over a real channel: a server in this process on port 0, VGG16 at 32x32."""
 
-import io
 import queue
 import shutil
-import subprocess
 import threading
 
 import grpc
-import joblib
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
-from extractor.backbones import get_backbone_spec, load_backbone
+from classifiers.persistence import load_head, save_head
+from conftest import CLASSES, fitted_head, png, random_images, start_server
+from extractor.backbones import load_backbone
 from extractor.cli import main
 from extractor.client import FeatureClient, RemoteError
 from extractor.datasets import open_dataset
 from extractor.embedder import Embedder
 from extractor.jobs import run_embed_job
-from extractor.server import SERVICE_NAME, FeatureServer
-from extractor.service import FeatureService, Head, Limits
+from extractor.server import SERVICE_NAME
 from extractor.store import EmbeddingStore
 from protos import feature_service_pb2 as pb
 from protos import feature_service_pb2_grpc as pb_grpc
 
-LIMITS = Limits(max_images_per_request=64, max_message_bytes=2 * 2**20, max_decoded_pixels=100 * 100)
-TOKEN = "s3cret-token"
-CLASSES = ["cat", "dog", "owl"]
-
-
-def random_images(n: int, seed: int, size: int = 32, channels: int = 3) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, (size, size, channels), dtype=np.uint8) for _ in range(n)]
-
-
-def png(array: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(array.squeeze()).save(out, format="PNG")
-    return out.getvalue()
-
-
-class RaisingModel:
+class RaisingModel(LogisticRegression):
     def predict_proba(self, X):
         raise RuntimeError("secret detail from deep inside the head")
-
-
-@pytest.fixture(scope="module")
-def spec(data_dir):
-    return get_backbone_spec("vgg16", data_dir=data_dir)
 
 
 @pytest.fixture(scope="module")
@@ -62,36 +38,18 @@ def reference(spec, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def heads_dir(spec, tmp_path_factory):
-    """Saved heads in the shape of the fake loader below: one for VGG16, one for a backbone not served,
-    one that fails when asked."""
-    folder = tmp_path_factory.mktemp("heads")
-    X = np.random.default_rng(0).normal(size=(60, spec.output_dim)).astype(np.float32)
-    model = LogisticRegression(max_iter=200).fit(X, np.arange(60) % 3)
-    joblib.dump({"model": model, "fingerprint": spec.fingerprint}, folder / "lr.joblib")
-    joblib.dump({"model": model, "fingerprint": "0" * 64}, folder / "orphan.joblib")
-    joblib.dump({"model": RaisingModel(), "fingerprint": spec.fingerprint}, folder / "broken.joblib")
-    (folder / "notes.txt").write_text("not a head")
+def served_heads(spec, heads_dir, tmp_path_factory):
+    """The shared heads plus one that fails when asked."""
+    folder = tmp_path_factory.mktemp("served-heads")
+    shutil.copytree(heads_dir, folder, dirs_exist_ok=True)
+    save_head(fitted_head(spec, RaisingModel()), folder / "broken", backbone_fingerprint=spec.fingerprint,
+              class_names=CLASSES)
     return folder
 
 
-def fake_head_loader(path) -> Head:
-    saved = joblib.load(path)
-    return Head(path.stem, saved["fingerprint"], CLASSES, saved["model"])
-
-
-def start_server(spec, store_path, *, heads_dir=None, backbone_loader=load_backbone, start=True, **server_options):
-    service = FeatureService([spec], EmbeddingStore(store_path), limits=LIMITS, max_wait=0.05, heads_dir=heads_dir,
-                             head_loader=fake_head_loader, backbone_loader=backbone_loader)
-    server = FeatureServer(service, port=0, **server_options)
-    if start:
-        server.start()
-    return server
-
-
 @pytest.fixture(scope="module")
-def server(spec, heads_dir, tmp_path_factory):
-    server = start_server(spec, tmp_path_factory.mktemp("served") / "store.sqlite", heads_dir=heads_dir)
+def server(spec, served_heads, tmp_path_factory):
+    server = start_server(spec, tmp_path_factory.mktemp("served") / "store.sqlite", heads_dir=served_heads)
     yield server
     server.stop(grace=1)
 
@@ -329,55 +287,11 @@ def test_heads_are_listed_and_classify_matches_the_head(client, server, referenc
     assert list(heads["lr"].class_names) == CLASSES
     images = random_images(4, seed=8)
     result = client.classify("lr", images + [b"junk"])
-    model = joblib.load(heads_dir / "lr.joblib")["model"]
+    model = load_head(heads_dir / "lr.joblib")
     expected = model.predict_proba(reference(images)).astype(np.float32)
     assert np.array_equal(result.probabilities[:4], expected)
     assert result.labels[:4] == [CLASSES[i] for i in expected.argmax(axis=1)] and result.labels[4] == ""
     assert [f.index for f in result.errors] == [4]
-
-
-@pytest.fixture(scope="module")
-def guarded_server(spec, tmp_path_factory):
-    server = start_server(spec, tmp_path_factory.mktemp("guarded") / "store.sqlite", token=TOKEN)
-    yield server
-    server.stop(grace=1)
-
-
-@pytest.mark.parametrize("token", [None, "wrong"])
-def test_calls_without_the_token_are_unauthenticated(guarded_server, token):
-    target = f"127.0.0.1:{guarded_server.port}"
-    with FeatureClient(target, token=token) as client:
-        for call in (lambda: client.embed("vgg16", random_images(1, seed=9)),
-                     lambda: client.backbones(),
-                     lambda: list(client.embed_stream("vgg16", random_images(2, seed=9)))):
-            with pytest.raises(RemoteError) as caught:
-                call()
-            assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
-    with grpc.insecure_channel(target) as channel:  # probes need no token
-        health = health_pb2_grpc.HealthStub(channel)
-        assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
-            health_pb2.HealthCheckResponse.SERVING
-    with FeatureClient(target, token=TOKEN) as client:
-        assert client.embed("vgg16", random_images(1, seed=9)).vectors.shape == (1, 512)
-        assert sum(len(p.keys) for p in client.embed_stream("vgg16", random_images(2, seed=9))) == 2
-
-
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
-def test_tls_with_a_self_signed_certificate(spec, tmp_path):
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(tmp_path / "key.pem"),
-                    "-out", str(tmp_path / "cert.pem")], check=True, capture_output=True)
-    cert, key = (tmp_path / "cert.pem").read_bytes(), (tmp_path / "key.pem").read_bytes()
-    server = start_server(spec, tmp_path / "store.sqlite", tls=(cert, key))
-    try:
-        with FeatureClient(f"localhost:{server.port}", root_cert=cert) as client:
-            assert client.embed("vgg16", random_images(1, seed=10)).vectors.shape == (1, 512)
-        with FeatureClient(f"localhost:{server.port}", retries=0, timeout=3) as plaintext:
-            with pytest.raises(RemoteError) as caught:
-                plaintext.backbones()
-            assert caught.value.code == grpc.StatusCode.UNAVAILABLE
-    finally:
-        server.stop(grace=1)
 
 
 def test_remote_embed_and_classify_commands(server, tmp_path, capsys, caplog, reference):

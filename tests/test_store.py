@@ -44,6 +44,18 @@ def test_incomplete_feature_set_is_not_loaded(tmp_path):
             store.load_feature_set("t")
 
 
+def test_a_store_file_left_empty_by_a_killed_job_reads_as_an_empty_store(tmp_path):
+    path = tmp_path / "s.sqlite"
+    path.touch()  # what a job killed between creating the file and its first commit leaves
+    with EmbeddingStore(path, readonly=True) as store:
+        assert store.verify().ok and store.vector_count() == 0 and store.feature_sets() == []
+        assert store.info()["vectors"] == 0
+    assert path.stat().st_size == 0
+    with EmbeddingStore(path) as store:
+        fill(store)
+        assert store.verify().ok
+
+
 def test_corruption_is_detected_and_not_served(tmp_path):
     path = tmp_path / "s.sqlite"
     with EmbeddingStore(path) as store:
