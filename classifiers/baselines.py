@@ -37,6 +37,15 @@ def _ridge(random_state=None, **params) -> Pipeline:
 BASELINES = {"logreg": _logreg, "knn": _knn, "linear-svm": _linear_svm, "ridge": _ridge}
 
 
+def single_threaded_blas():
+    """A context in which BLAS uses one thread: these fits are small, and OpenBLAS's spinning threads,
+    competing for the cores with anything else (TensorFlow, other processes), made one logistic
+    regression fit 60x slower (14.7 s instead of 0.23 s, measured on 2 busy cores)."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 def make_head(name: str, random_state=None, **params) -> ClassifierMixin:
     """An unfitted classifier for `name`: a `KerasHead` spec (params are its own) or a baseline
     (params go to the underlying scikit-learn classifier; `logreg` also takes `Cs` and `n_splits`)."""

@@ -112,7 +112,7 @@ def cmd_run(args) -> int:
 def cmd_compare(args) -> int:
     import numpy as np
 
-    from classifiers.baselines import make_head
+    from classifiers.baselines import make_head, single_threaded_blas
     from classifiers.heads import HEAD_SPECS
     from classifiers.report import ExperimentResult, MethodResult, format_table, new_run_dir, write_report
     from classifiers.trainer import train_trials
@@ -141,7 +141,8 @@ def cmd_compare(args) -> int:
             accuracies = [float(np.mean(r.predict(X_test) == y_test)) for r in results]
             settings |= {"epochs": args.epochs, "batch_size": args.batch_size}
         else:
-            accuracies = [float(make_head(head, random_state=s).fit(X, y).score(X_test, y_test)) for s in seeds]
+            with single_threaded_blas():
+                accuracies = [float(make_head(head, random_state=s).fit(X, y).score(X_test, y_test)) for s in seeds]
         rows.append(MethodResult(head, accuracies, time.perf_counter() - start, settings))
     result = ExperimentResult("compare", f"train {args.train_set} ({len(X)}), test {args.test_set} ({len(X_test)}), "
                               f"{X.shape[1]}-d features", rows,
@@ -154,7 +155,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from classifiers.baselines import make_head
+    from classifiers.baselines import make_head, single_threaded_blas
     from classifiers.heads import HEAD_SPECS
     from classifiers.persistence import save_head
     from extractor import paths
@@ -164,7 +165,8 @@ def cmd_train(args) -> int:
         X, y, class_names = store.load_feature_set(args.train_set)
         fingerprint = store.feature_set(args.train_set).fingerprint
     params = {"epochs": args.epochs, "batch_size": args.batch_size} if args.head in HEAD_SPECS else {}
-    head = make_head(args.head, random_state=args.seed, **params).fit(X, y)
+    with single_threaded_blas():
+        head = make_head(args.head, random_state=args.seed, **params).fit(X, y)
     path = save_head(head, args.out, backbone_fingerprint=fingerprint, class_names=class_names)
     print(f"{path}  ({args.head} on {args.train_set}: {len(X)} vectors, training accuracy {head.score(X, y):.3f})")
     return 0

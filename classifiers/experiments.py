@@ -83,7 +83,12 @@ class Experiment:
 
 
 VGG_LECTURE = Features("vgg16")          # the lecture: pixels / 255, 32x32, flattened block5_pool
+VGG_CAFFE = Features("vgg16", recipe="caffe")   # VGG16's own preprocessing (BGR, ImageNet means)
 MNIST_CNN = Features("mnist_cnn")        # tl_mnist's CNN pretrained on digits 0,2,4,6,8, cut after Flatten
+MOBILENET = Features("mobilenet_v1")     # 224x224, 1024-d
+SQUEEZENET = Features("squeezenet")      # 227x227, average-pooled fire9, 512-d
+MNIST_QUICK_TEST = "mnist:small-test?per_class=200&seed=0"
+CIFAR_QUICK_TEST = "cifar10:test?per_class=100&seed=0"
 
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
     Experiment(
@@ -95,7 +100,9 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
             Method("no transfer: CNN from scratch", "scratch", "mnist_cnn", None, 100, 4, lecture=(84.0, 87.3)),
             Method("classic: frozen CNN + new output layer, end to end", "classic", "mnist-cnn", MNIST_CNN, 100, 4),
             Method("beyond: logistic regression (C swept) on pretrained CNN features", "sklearn", "logreg",
-                   MNIST_CNN, beyond=True),
+                   MNIST_CNN, beyond=True, quick_test=MNIST_QUICK_TEST),
+            Method("beyond: logistic regression (C swept) on pretrained CNN + MobileNet features", "sklearn",
+                   "logreg", (MNIST_CNN, MOBILENET), beyond=True, quick_test=MNIST_QUICK_TEST),
         ),
         ("tl_mnist's pretrained CNN: 15 epochs, batch 128, Adam on the 29,492 images of digits 0,2,4,6,8.",),
     ),
@@ -112,7 +119,9 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
             Method("VGG16 + mlp512-tanh", "head", "mlp512-tanh", VGG_LECTURE, 100, 4, lecture=(85.9, 86.1)),
             Method("classic: frozen VGG16 + linear, end to end", "classic", "linear", VGG_LECTURE, 100, 4),
             Method("beyond: logistic regression (C swept) on VGG16 caffe 32x32 features", "sklearn", "logreg",
-                   Features("vgg16", recipe="caffe"), beyond=True),
+                   VGG_CAFFE, beyond=True, quick_test=MNIST_QUICK_TEST),
+            Method("beyond: logistic regression (C swept) on SqueezeNet + MobileNet features", "sklearn", "logreg",
+                   (SQUEEZENET, MOBILENET), beyond=True, quick_test=MNIST_QUICK_TEST),
         ),
         ("The lecture's preprocessing: digits padded 28 to 32, repeated to 3 channels, divided by 255, "
          "no ImageNet mean subtraction.",),
@@ -129,7 +138,9 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
             Method("classic: frozen VGG16 + dropout-mlp512-tanh-dropout, end to end", "classic",
                    "dropout-mlp512-tanh-dropout", VGG_LECTURE, 50, 32, validate=True),
             Method("beyond: logistic regression (C swept) on VGG16 caffe 32x32 features", "sklearn", "logreg",
-                   Features("vgg16", recipe="caffe"), beyond=True),
+                   VGG_CAFFE, beyond=True, quick_test=CIFAR_QUICK_TEST),
+            Method("beyond: logistic regression (C swept) on MobileNet + SqueezeNet features", "sklearn", "logreg",
+                   (MOBILENET, SQUEEZENET), beyond=True, quick_test=CIFAR_QUICK_TEST),
         ),
         ("The lecture does not give CIFAR-10's epochs and batch size: here 50 epochs, batch 32, for every row.",
          "Our CIFAR-10 is a JPEG re-encoding (quality about 75) of the original arrays; pixels differ slightly.",
@@ -148,7 +159,7 @@ class RunSettings:
     classic_trials: int | None = None   # default: 1 (full: trials)
     classic_epochs: int | None = None   # default: 1 epoch timed, extrapolated (full: the row's epochs)
     beyond: bool = True
-    beyond_trials: int = 5              # beyond rows in the short default (full: trials), on their quick_test
+    beyond_trials: int = 3              # beyond rows in the short default (full: trials), on their quick_test
 
     def scope(self, experiment: "Experiment", method: "Method") -> tuple[int, str]:
         """How many trials a cached row trains, and on which test set."""
@@ -270,17 +281,21 @@ class ExperimentRunner:
                             method.lecture, [r.history for r in results])
 
     def _run_sklearn(self, experiment: Experiment, method: Method) -> MethodResult:
-        from classifiers.baselines import make_head
+        from classifiers.baselines import make_head, single_threaded_blas
 
         data = self.trial_data(experiment, method)
+        trials, test = self.settings.scope(experiment, method)
         start = time.perf_counter()
         accuracies, chosen = [], []
-        for t, (X, y) in enumerate(zip(data.X_trials, data.y_trials)):
-            head = make_head(method.model, random_state=t).fit(X, y)
-            accuracies.append(float(head.score(data.X_test, data.y_test)))
-            chosen.append(getattr(head, "best_params_", None))
+        with single_threaded_blas():
+            for t, (X, y) in enumerate(zip(data.X_trials, data.y_trials)):
+                head = make_head(method.model, random_state=t).fit(X, y)
+                accuracies.append(float(head.score(data.X_test, data.y_test)))
+                chosen.append(getattr(head, "best_params_", None))
+        note = "" if test == experiment.test else \
+            f"short default: {trials} trials, tested on {test} ({len(data.y_test)} images); FULL=1: all"
         return MethodResult(method.name, accuracies, time.perf_counter() - start,
-                            self._settings(method, chosen_params=chosen), method.lecture)
+                            self._settings(method, chosen_params=chosen, test=test), method.lecture, note=note)
 
     def _pixels(self, data_spec: str, features: Features | None) -> tuple[np.ndarray, np.ndarray]:
         """The model's input for a split: the backbone's recipe, or pixels / 255 for from-scratch CNNs."""
