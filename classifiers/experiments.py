@@ -329,7 +329,8 @@ class ExperimentRunner:
                 test = test or self._pixels(experiment.test, method.features)
                 x, y = self._pixels(experiment.train.format(seed=t), method.features)
                 run = fit_classic(build_model(len(np.unique(y))), x, y, *test, epochs=epochs,
-                                  batch_size=method.batch_size, seed=t, validate=method.validate)
+                                  batch_size=method.batch_size, seed=t, validate=method.validate,
+                                  timing_only=epochs < method.epochs)
                 self.trial_cache.put(key, run)
             else:
                 reused += 1
@@ -368,8 +369,9 @@ class ExperimentRunner:
         per_trial = float(np.median([r.seconds_per_epoch for r in runs])) * method.epochs
         full_trials = epochs == method.epochs
         note = _notes(_reuse_note(len(runs), reused), not full_trials and (
-            f"timing only: {len(runs)} trial(s) of {epochs} epoch(s), {per_trial:.0f} s per {method.epochs}-epoch "
-            f"trial extrapolated; FULL=1 runs {self.settings.trials} full trials"))
+            f"timing only: {len(runs)} trial(s) of {epochs} epoch(s){' (validation timed on a sample)' * method.validate}"
+            f", {per_trial:.0f} s per {method.epochs}-epoch trial extrapolated; FULL=1 runs {self.settings.trials} "
+            "full trials"))
         return MethodResult(method.name, [r.accuracy for r in runs] if full_trials else [],
                             sum(r.seconds for r in runs),
                             self._settings(method, seconds_per_full_trial=round(per_trial, 2),

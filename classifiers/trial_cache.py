@@ -14,7 +14,7 @@ from pathlib import Path
 
 from classifiers.classic import ClassicRun
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class TrialCache:
