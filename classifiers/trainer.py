@@ -9,10 +9,17 @@ results agree with Keras to float rounding (summation order). What makes it fast
   (about 3 MB for a 512x512 layer) stay in that core's caches;
 * feature columns that are zero in every training example of a trial are left out: their gradient is
   exactly 0 at every step, so Adam never moves those weight rows (m and v stay 0) and they keep
-  their initial values;
-* products with zero inputs (ReLU features are ~3/4 zeros) are skipped, in training and validation;
+  their initial values. The remaining weights and their Adam moments lie in three flat vectors, so
+  that Adam on narrow layers (a linear head has 5 or 10 columns) runs over many rows per call;
+* in training, products with zero inputs (ReLU features are ~3/4 zeros) are skipped;
+* validation is a dense BLAS product (X_val @ w1), one BLAS thread per trial thread: on 512-wide
+  layers it beats skipping the zeros in compiled loops, which is bound by reading w1's rows;
 * tanh is TensorFlow's own rational approximation (Eigen's `ptanh_float`, bit for bit), which
   vectorises, unlike the C library's.
+
+Adam is bound by memory, not by its square root and division: per step it reads and writes every
+weight and both moments (12 bytes per weight, ~2 MB for a 321x512 layer, about a core's L2), which
+takes as long as the exact sqrt and divide, so an approximate reciprocal square root gains nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from dataclasses import dataclass, field
 
 import numba
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from classifiers.heads import (
     MIX_GOLDEN,
@@ -49,6 +57,7 @@ _TANH_CLAMP = _F(7.90738964080810547)
 _TANH_P = (_F(1.394553628e-8), _F(2.102733560e-5), _F(3.520756727e-3), _F(1.340216100e-1))
 _TANH_Q = (_F(8.015776984e-7), _F(3.326951409e-4), _F(2.597254514e-2), _F(4.673548340e-1), _F(1.0))
 _LANES = 16  # partial sums per dot product, so that the sum vectorises without fast-math
+_CHUNK = 512  # values per Adam call at least (several weight rows when rows are narrow)
 
 _jit = numba.njit(nogil=True, cache=True, error_model="numpy")
 
@@ -154,32 +163,16 @@ def _softmax_xent(logits, label, probabilities):
 
 
 @_jit
-def _sparse_logits(indptr, indices, values, w1, b1, w2t, b2, out):
-    """out (m, c) = logits at inference of the rows of a CSR matrix (indptr, indices, values), width d.
-
-    w1 (d, f), b1 (f,); with a hidden layer w2t (c, f), b2 (c,), else w2t has no rows and f == c.
-    """
-    width = w1.shape[1]
-    hidden = w2t.shape[0] > 0
-    z = np.empty(width, np.float32)
-    partial = np.empty((max(w2t.shape[0], 1), _LANES), np.float32)
-    for i in range(indptr.size - 1):
-        start, end = indptr[i], indptr[i + 1]
-        _sum_of_rows(z, values[start:end], w1, indices[start:end], end - start)
-        for k in range(width):
-            z[k] = z[k] + b1[k]
-        if hidden:
-            for k in range(width):
-                z[k] = _tanh(z[k])
-            _logits_from_hidden(z, w2t, b2, out[i], partial)
-        else:
-            out[i, :] = z
+def _tanh_in_place(z, bias):
+    """z (m, f) = tanh(z + bias), bias (f,)."""
+    for i in range(z.shape[0]):
+        for k in range(z.shape[1]):
+            z[i, k] = _tanh(z[i, k] + bias[k])
 
 
 @_jit
-def _evaluate(indptr, indices, values, labels, w1, b1, w2t, b2, logits):
-    """(mean cross-entropy, accuracy) at inference on a CSR matrix; `logits` (m, c) is scratch."""
-    _sparse_logits(indptr, indices, values, w1, b1, w2t, b2, logits)
+def _mean_xent_accuracy(logits, labels):
+    """(mean cross-entropy, accuracy) of the softmax of logits (m, c) against labels (m,)."""
     probabilities = np.empty(logits.shape[1], np.float32)
     loss, correct = 0.0, 0
     for i in range(labels.size):
@@ -190,23 +183,28 @@ def _evaluate(indptr, indices, values, labels, w1, b1, w2t, b2, logits):
 
 
 @_jit
-def _train_trial(x, active, y, permutations, batch_size, seed, learning_rate, input_threshold, input_scale,
-                 input_index, hidden_threshold, hidden_scale, hidden_index, w1, b1, w2t, b2,
-                 val_indptr, val_indices, val_values, val_labels, validation_freq, history):
-    """Train one trial in place: w1 (d, f), b1 (f,), w2t (c, f), b2 (c,) (w2t empty: no hidden layer).
+def _train_epochs(x, active, y, permutations, first_epoch, end_epoch, batch_size, seed, learning_rate,
+                  input_threshold, input_scale, input_index, hidden_threshold, hidden_scale, hidden_index,
+                  d, width, params, m, v, history):
+    """Train epochs [first_epoch, end_epoch) of one trial in place, Adam moments m, v beside `params`.
 
-    x (n, a) holds the trial's examples restricted to its `active` columns of the d features;
-    permutations (epochs, n); a dropout threshold of 0 means no dropout; history (epochs, 4) gets
-    loss, accuracy, val_loss, val_accuracy (NaN where not validated).
+    params (P,) holds [w1 rows (a, f), b1 (f,)] and with a hidden layer [w2t (c, f), b2 (c,)] after
+    them, where w1's rows are those of the trial's `active` columns (a of the d features) and f is
+    `width`. x (n, a) holds the trial's examples restricted to those columns; permutations (epochs, n);
+    a dropout threshold of 0 means no dropout; history (epochs, 2) gets loss and accuracy.
     """
     n, n_active = x.shape
-    d, width = w1.shape
-    hidden = w2t.shape[0] > 0
-    n_classes = w2t.shape[0] if hidden else width
-    m1, v1 = np.zeros_like(w1), np.zeros_like(w1)
-    mb1, vb1 = np.zeros_like(b1), np.zeros_like(b1)
-    m2, v2 = np.zeros_like(w2t), np.zeros_like(w2t)
-    mb2, vb2 = np.zeros_like(b2), np.zeros_like(b2)
+    w1_size = n_active * width
+    hidden = params.size > w1_size + width
+    n_classes = (params.size - w1_size - width) // (width + 1) if hidden else width
+    w1 = params[:w1_size].reshape((n_active, width))
+    b1 = params[w1_size:w1_size + width]
+    w2t = params[w1_size + width:params.size - n_classes].reshape((n_classes if hidden else 0, width))
+    b2 = params[params.size - n_classes:]
+    # w1's gradient and Adam go a few rows at a time: one pass over at least _CHUNK values per call
+    chunk_rows = max(1, _CHUNK // width)
+    gradient = np.empty(chunk_rows * width, np.float32)
+    tail_gradient = np.empty(params.size - w1_size, np.float32)  # b1, w2t, b2 in params' order
     column_values = np.empty((n_active, batch_size), np.float32)  # the batch's inputs after dropout, by column
     column_rows = np.empty((n_active, batch_size), np.int64)  # ... only the nonzero ones, and their rows
     column_count = np.empty(n_active, np.int64)
@@ -217,15 +215,12 @@ def _train_trial(x, active, y, permutations, batch_size, seed, learning_rate, in
     logits = np.empty((batch_size, n_classes), np.float32)
     delta_out = np.empty((batch_size, n_classes), np.float32)
     delta1 = np.empty((batch_size, width), np.float32)
-    gradient = np.empty(width, np.float32)
-    gradient2 = np.empty(n_classes, np.float32)
     ones = np.ones(batch_size, np.float32)
     batch_rows = np.arange(max(batch_size, n_classes))
     probabilities = np.empty(n_classes, np.float32)
     partial = np.empty((n_classes, _LANES), np.float32)
-    val_logits = np.empty((val_labels.size, n_classes), np.float32)
-    step = 0
-    for epoch in range(permutations.shape[0]):
+    step = first_epoch * ((n + batch_size - 1) // batch_size)
+    for epoch in range(first_epoch, end_epoch):
         loss_sum, correct = 0.0, 0
         for start in range(0, n, batch_size):
             rows = min(batch_size, n - start)
@@ -244,7 +239,7 @@ def _train_trial(x, active, y, permutations, batch_size, seed, learning_rate, in
                         unit = np.uint64(r * d + active[a])
                         value = value * input_scale if _scramble(input_key ^ unit) >> _S40 >= input_threshold else _F(0)
                     if value != 0:
-                        row_values[count], row_ids[count] = value, active[a]
+                        row_values[count], row_ids[count] = value, a
                         count += 1
                         column_values[a, column_count[a]], column_rows[a, column_count[a]] = value, r
                         column_count[a] += 1
@@ -268,7 +263,7 @@ def _train_trial(x, active, y, permutations, batch_size, seed, learning_rate, in
                 correct += hit
                 for c in range(n_classes):
                     delta_out[r, c] = inverse_rows * (probabilities[c] - (_F(1) if c == y[example] else _F(0)))
-            # backward, and Adam on each variable once its gradient is known
+            # backward; every gradient is taken before Adam moves any weight
             if hidden:
                 for r in range(rows):
                     _sum_of_rows(delta1[r], delta_out[r], w2t, batch_rows, n_classes)
@@ -279,32 +274,33 @@ def _train_trial(x, active, y, permutations, batch_size, seed, learning_rate, in
                             delta1[r, k] = delta1[r, k] * hidden_scale if keep else _F(0)
                         delta1[r, k] = delta1[r, k] * (_F(1) - z[r, k] * z[r, k])
                 for c in range(n_classes):
-                    _sum_of_rows(gradient, delta_out[:, c], h, batch_rows, rows)
-                    _adam(w2t[c], m2[c], v2[c], gradient, alpha)
-                _sum_of_rows(gradient2, ones, delta_out, batch_rows, rows)
-                _adam(b2, mb2, vb2, gradient2, alpha)
+                    at = width + c * width
+                    _sum_of_rows(tail_gradient[at:at + width], delta_out[:, c], h, batch_rows, rows)
+                _sum_of_rows(tail_gradient[tail_gradient.size - n_classes:], ones, delta_out, batch_rows, rows)
             else:
                 delta1[:rows] = delta_out[:rows]
-            for a in range(n_active):
-                _sum_of_rows(gradient, column_values[a], delta1, column_rows[a], column_count[a])
-                j = active[a]
-                _adam(w1[j], m1[j], v1[j], gradient, alpha)
-            _sum_of_rows(gradient, ones, delta1, batch_rows, rows)
-            _adam(b1, mb1, vb1, gradient, alpha)
+            _sum_of_rows(tail_gradient[:width], ones, delta1, batch_rows, rows)
+            for a0 in range(0, n_active, chunk_rows):
+                a1 = min(a0 + chunk_rows, n_active)
+                for a in range(a0, a1):
+                    at = (a - a0) * width
+                    _sum_of_rows(gradient[at:at + width], column_values[a], delta1, column_rows[a], column_count[a])
+                _adam(params[a0 * width:a1 * width], m[a0 * width:a1 * width], v[a0 * width:a1 * width],
+                      gradient[:(a1 - a0) * width], alpha)
+            _adam(params[w1_size:], m[w1_size:], v[w1_size:], tail_gradient, alpha)
             step += 1
         history[epoch, 0] = loss_sum / n
         history[epoch, 1] = correct / n
-        if val_labels.size and (epoch + 1) % validation_freq == 0:
-            history[epoch, 2], history[epoch, 3] = _evaluate(
-                val_indptr, val_indices, val_values, val_labels, w1, b1, w2t, b2, val_logits
-            )
 
 
-def _csr(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(indptr, indices, values) of the nonzeros of X (m, d), row by row."""
-    rows, columns = np.nonzero(X)
-    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=len(X)))]).astype(np.int64)
-    return indptr, columns.astype(np.int64), X[rows, columns].astype(np.float32)
+def _logits(X: np.ndarray, weights: list[np.ndarray]) -> np.ndarray:
+    """(m, c) float32 logits at inference of X (m, d) float32, weights in Keras order."""
+    w1, b1, *rest = weights
+    z = X @ w1  # dense BLAS: faster than skipping the zeros of sparse features in compiled loops
+    if not rest:
+        return z + b1
+    _tanh_in_place(z, b1)
+    return z @ rest[0] + rest[1]
 
 
 def _class_indices(classes: np.ndarray, labels) -> np.ndarray:
@@ -314,6 +310,7 @@ def _class_indices(classes: np.ndarray, labels) -> np.ndarray:
     if not np.array_equal(classes[index], labels):
         raise ValueError(f"labels not among the training classes {classes}: {sorted(set(labels) - set(classes))}")
     return index.astype(np.int64)
+
 
 
 @dataclass
@@ -329,11 +326,7 @@ class TrialResult:
 
     def predict_proba(self, X) -> np.ndarray:
         """(m, n_classes) float32 class probabilities at inference for X (m, d)."""
-        X = np.asarray(X, np.float32)
-        w1, b1, *rest = self.weights
-        w2t, b2 = (rest[0].T.copy(), rest[1]) if rest else (np.zeros((0, w1.shape[1]), np.float32), b1[:0])
-        logits = np.empty((len(X), len(self.classes)), np.float32)
-        _sparse_logits(*_csr(X), w1, b1, w2t, b2, logits)
+        logits = _logits(np.asarray(X, np.float32), self.weights)
         exp = np.exp(logits - logits.max(axis=1, keepdims=True))
         return exp / exp.sum(axis=1, keepdims=True)
 
@@ -386,37 +379,63 @@ def train_trials(spec: str, X_trials, y_trials, seeds, epochs: int, batch_size: 
         if not np.array_equal(np.unique(labels), classes):
             raise ValueError(f"trial {t} holds classes {np.unique(labels)}, not all of {classes}")
     n_trials, n, d = X_trials.shape
-    if validation_data is None:
-        val = (np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64))
-    else:
-        val = (*_csr(np.asarray(validation_data[0], np.float32)), _class_indices(classes, validation_data[1]))
+    if validation_data is not None:
+        X_val = np.ascontiguousarray(validation_data[0], np.float32)
+        y_val = _class_indices(classes, validation_data[1])
+    # without validation, all epochs in one call; with it, the epochs up to each evaluation
+    epochs_per_call = validation_freq if validation_data is not None else max(epochs, 1)
     input_index, hidden_index = layout.dropout_indices()
 
     def run(t: int) -> TrialResult:
         X, seed = X_trials[t], seeds[t]
         active = np.flatnonzero(X.any(axis=0))
-        w1, b1, *rest = initial_weights(layout, d, len(classes), seed)
-        w2t, b2 = (rest[0].T.copy(), rest[1]) if rest else (np.zeros((0, w1.shape[1]), np.float32), b1[:0].copy())
-        history = np.full((epochs, 4), np.nan)
-        _train_trial(
-            np.ascontiguousarray(X[:, active]), active, _class_indices(classes, y_trials[t]),
-            epoch_permutations(seed, n, epochs), batch_size, seed,
-            _F(ADAM_LEARNING_RATE if learning_rate is None else learning_rate),
-            np.uint64(dropout_threshold(layout.input_dropout) if layout.input_dropout else 0),
-            _F(1 / (1 - layout.input_dropout)), input_index,
-            np.uint64(dropout_threshold(layout.hidden_dropout) if layout.hidden_dropout else 0),
-            _F(1 / (1 - layout.hidden_dropout)), hidden_index,
-            w1, b1, w2t, b2, *val, validation_freq, history,
-        )
-        weights = [w1, b1] + ([w2t.T.copy(), b2] if rest else [])
-        names = ["loss", "accuracy"] + (["val_loss", "val_accuracy"] if validation_data is not None else [])
+        weights = initial_weights(layout, d, len(classes), seed)
+        w1, b1, *rest = weights
+        width = w1.shape[1]
+        params = np.concatenate([w1[active].ravel(), b1] + ([rest[0].T.ravel(), rest[1]] if rest else []))
+        m, v = np.zeros_like(params), np.zeros_like(params)
+
+        def unpack() -> None:
+            """Write params into `weights` (Keras order; inactive rows of w1 keep their initial values)."""
+            w1[active] = params[:active.size * width].reshape(active.size, width)
+            tail = params[active.size * width:]
+            b1[:] = tail[:width]
+            if rest:
+                rest[0][:] = tail[width:width + rest[0].size].reshape(-1, width).T
+                rest[1][:] = tail[width + rest[0].size:]
+
+        x, y = np.ascontiguousarray(X[:, active]), _class_indices(classes, y_trials[t])
+        permutations = epoch_permutations(seed, n, epochs)
+        history = np.zeros((epochs, 2))  # loss, accuracy
+        scores = np.full((epochs, 2), np.nan)  # val_loss, val_accuracy
+        for first in range(0, epochs, epochs_per_call):
+            end = min(first + epochs_per_call, epochs)
+            _train_epochs(
+                x, active, y, permutations, first, end, batch_size, seed,
+                _F(ADAM_LEARNING_RATE if learning_rate is None else learning_rate),
+                np.uint64(dropout_threshold(layout.input_dropout) if layout.input_dropout else 0),
+                _F(1 / (1 - layout.input_dropout)), input_index,
+                np.uint64(dropout_threshold(layout.hidden_dropout) if layout.hidden_dropout else 0),
+                _F(1 / (1 - layout.hidden_dropout)), hidden_index,
+                d, width, params, m, v, history,
+            )
+            if validation_data is not None and end % validation_freq == 0:
+                unpack()
+                scores[end - 1] = _mean_xent_accuracy(_logits(X_val, weights), y_val)
+        unpack()
+        columns = {"loss": history[:, 0], "accuracy": history[:, 1]}
+        if validation_data is not None:
+            columns |= {"val_loss": scores[:, 0], "val_accuracy": scores[:, 1]}
         return TrialResult(
             spec, seed, classes, weights,
-            {name: [float(v) for v in history[:, i] if not np.isnan(v)] for i, name in enumerate(names)},
+            {name: [float(v) for v in values if not np.isnan(v)] for name, values in columns.items()},
             {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "n_examples": n},
         )
 
-    with ThreadPoolExecutor(n_jobs or len(os.sched_getaffinity(0))) as pool:
+    workers = max(1, min(n_jobs or len(os.sched_getaffinity(0)), n_trials))
+    # trials are the parallel unit: each validation product runs on its own thread's core
+    with threadpool_limits(max(1, len(os.sched_getaffinity(0)) // workers), user_api="blas"), \
+            ThreadPoolExecutor(workers) as pool:
         results = list(pool.map(run, range(n_trials)))
     log.debug("trained %d trials of %s on %d examples each", n_trials, spec, n)
     return results

@@ -58,3 +58,14 @@ def test_trials_must_share_their_classes(data):
     y_trials[1] = 10
     with pytest.raises(ValueError, match="trial 1 holds classes"):
         train_trials("linear", X_trials, y_trials, SEEDS, epochs=1, batch_size=4)
+
+
+def test_validation_does_not_change_training(data):
+    """Training stops for each evaluation and resumes where it was: the weights are those of one run."""
+    X_trials, y_trials, validation = data
+    (plain,) = train_trials("dropout-mlp512-tanh-dropout", X_trials[:1], y_trials[:1], [3], epochs=5, batch_size=4)
+    (validated,) = train_trials("dropout-mlp512-tanh-dropout", X_trials[:1], y_trials[:1], [3], epochs=5,
+                                batch_size=4, validation_data=validation, validation_freq=2)
+    for a, b in zip(plain.weights, validated.weights, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert plain.history["loss"] == validated.history["loss"] and len(validated.history["val_loss"]) == 2
