@@ -21,9 +21,10 @@ import os
 import shutil
 import tarfile
 import tempfile
+import time
 import zipfile
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode
@@ -32,7 +33,8 @@ import numpy as np
 
 from extractor import paths
 from extractor.errors import ExtractorError, InvalidInputError, UnknownNameError
-from extractor.images import canonical_pixels, read_image_file
+from extractor.images import canonical_pixels, pixel_digest, read_image_file
+from extractor.paths import file_identity
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +57,23 @@ SAMPLE_OPTIONS = ("per_class", "seed")  # any spec: a seeded sample of per_class
 
 @dataclass
 class ImageBatch:
-    """A batch of images: canonical uint8 (H, W, C) arrays, their labels (n,) and where each came from."""
+    """A batch of images: canonical uint8 (H, W, C) arrays, their labels (n,) and where each came from.
 
-    images: list[np.ndarray]
+    With remembered file digests (see `Dataset.batches`), an image whose file is unchanged since it
+    was last read is not decoded: its entry in `images` is None and `load(j)` reads it on demand.
+    """
+
+    images: list[np.ndarray | None]
     labels: np.ndarray
     sources: list[str]
+    digests: list[bytes] = field(default_factory=list)      # pixel digest of every image
+    indices: list[int] = field(default_factory=list)        # dataset item of every image
+    file_digests: list[tuple] = field(default_factory=list)  # (path, size, mtime_ns, digest) read now
+    load: callable = None
+
+    def pixels(self, j: int) -> np.ndarray:
+        image = self.images[j]
+        return image if image is not None else self.load(self.indices[j])
 
 
 @dataclass
@@ -82,32 +96,46 @@ class Dataset:
     sources: list[str]
     load: callable
     skipped: list[SkippedImage] = field(default_factory=list)
+    files: list[str] | None = None  # the file behind each item, when items are files
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batches(self, batch_size: int, limit: int | None = None, threads: int = 2) -> Iterator[ImageBatch]:
+    def batches(self, batch_size: int, limit: int | None = None, threads: int = 2,
+                known_digests: Callable[[list[tuple]], dict[str, bytes]] | None = None) -> Iterator[ImageBatch]:
         """Yield batches of up to `batch_size` readable images, from the first `limit` items.
 
-        Items are decoded by `threads` threads (Pillow decodes without holding the GIL).
+        Items are decoded by `threads` threads. `known_digests` maps file identities (path, size,
+        mtime_ns) to remembered pixel digests: such files are not read again.
         """
         if batch_size < 1:
             raise InvalidInputError(f"batch size must be at least 1, got {batch_size}")
         total = len(self) if limit is None else min(limit, len(self))
         with ThreadPoolExecutor(max(1, threads), thread_name_prefix="decode") as pool:
             for start in range(0, total, batch_size):
-                images, labels, sources = [], [], []
                 indices = range(start, min(start + batch_size, total))
-                for i, loaded in zip(indices, pool.map(self._load_or_error, indices)):
-                    if isinstance(loaded, ExtractorError):
-                        log.warning("skipping %s: %s", self.sources[i], loaded)
-                        self.skipped.append(SkippedImage(self.sources[i], str(loaded)))
+                identities = {i: file_identity(self.files[i]) for i in indices} if self.files else {}
+                known = known_digests([x for x in identities.values() if x]) if known_digests and identities else {}
+                to_read = [i for i in indices if self.files is None or self.files[i] not in known]
+                loaded = dict(zip(to_read, pool.map(self._load_or_error, to_read)))
+                batch = ImageBatch([], [], [], load=self.load)
+                for i in indices:
+                    image = loaded.get(i)
+                    if isinstance(image, ExtractorError):
+                        log.warning("skipping %s: %s", self.sources[i], image)
+                        self.skipped.append(SkippedImage(self.sources[i], str(image)))
                         continue
-                    images.append(loaded)
-                    labels.append(self.labels[i])
-                    sources.append(self.sources[i])
-                if images:
-                    yield ImageBatch(images, np.asarray(labels, dtype=np.int64), sources)
+                    digest = known.get(self.files[i]) if image is None else pixel_digest(image)
+                    if image is not None and identities.get(i) and _settled(identities[i]):
+                        batch.file_digests.append((*identities[i], digest))
+                    batch.images.append(image)
+                    batch.labels.append(self.labels[i])
+                    batch.sources.append(self.sources[i])
+                    batch.digests.append(digest)
+                    batch.indices.append(i)
+                if batch.images:
+                    batch.labels = np.asarray(batch.labels, dtype=np.int64)
+                    yield batch
 
     def _load_or_error(self, i: int) -> np.ndarray | ExtractorError:
         try:
@@ -129,8 +157,14 @@ class Dataset:
         """The items at `indices`, in that order, as a dataset of their own."""
         indices = np.asarray(indices, dtype=np.int64)
         load = self.load
-        return Dataset(spec, self.class_names, self.labels[indices],
-                       [self.sources[i] for i in indices], lambda i: load(int(indices[i])))
+        return Dataset(spec, self.class_names, self.labels[indices], [self.sources[i] for i in indices],
+                       lambda i: load(int(indices[i])), files=self.files and [self.files[i] for i in indices])
+
+
+def _settled(identity: tuple[str, int, int], seconds: float = 2.0) -> bool:
+    """Whether a file was last written long enough ago that a rewrite would change its mtime: a digest
+    is remembered only then (as git does against racy writes)."""
+    return time.time_ns() - identity[2] > seconds * 1e9
 
 
 def parse_data_spec(text: str) -> tuple[str, str, dict[str, str]]:
@@ -324,7 +358,7 @@ def open_folder(root: Path) -> Dataset:
                 files.append(str(path))
                 labels.append(label)
     return Dataset(f"folder:{root.resolve()}", [d.name for d in class_dirs], np.asarray(labels, dtype=np.int64),
-                   files, lambda i: read_image_file(files[i]))
+                   files, lambda i: read_image_file(files[i]), files=files)
 
 
 def extract_cifar10(data_dir: Path) -> Path:

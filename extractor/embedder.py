@@ -2,24 +2,36 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from extractor.backbones import BackboneSpec, FrozenBackbone, load_backbone
+from extractor.images import pixel_digest
 from extractor.store import EmbeddingStore
 
 log = logging.getLogger(__name__)
 
 
 def content_key(fingerprint: str, image: np.ndarray) -> bytes:
-    """sha256 over the backbone fingerprint and the canonical uint8 pixels with their shape (32 bytes)."""
-    digest = hashlib.sha256(fingerprint.encode())
-    digest.update(f"|{image.dtype.str}|{'x'.join(map(str, image.shape))}|".encode())
-    digest.update(np.ascontiguousarray(image).data)
-    return digest.digest()
+    """The cache key of an image's vector: sha256 over the backbone fingerprint and the image's pixel
+    digest (sha256 of its canonical uint8 pixels with their shape); 32 bytes."""
+    return key_for_digest(fingerprint, pixel_digest(image))
+
+
+def key_for_digest(fingerprint: str, digest: bytes) -> bytes:
+    hasher = _fingerprint_hasher(fingerprint).copy()
+    hasher.update(digest)
+    return hasher.digest()
+
+
+@functools.lru_cache(maxsize=64)
+def _fingerprint_hasher(fingerprint: str):
+    return hashlib.sha256(fingerprint.encode() + b"|")
 
 
 @dataclass
@@ -56,14 +68,19 @@ class Embedder:
 
     def resolve(self, images: list[np.ndarray]) -> Resolved:
         """Look every image up; compute the missing ones (duplicates once); write nothing."""
-        keys = self.keys(images)
+        return self.resolve_digests([pixel_digest(image) for image in images], images.__getitem__)
+
+    def resolve_digests(self, digests: list[bytes], pixels: Callable[[int], np.ndarray]) -> Resolved:
+        """`resolve` for images known by their pixel digests; `pixels(i)` is asked only for image i
+        whose vector is missing (so a fully cached batch is never decoded)."""
+        keys = [key_for_digest(self.fingerprint, digest) for digest in digests]
         stored = self.store.get_many(keys)
         first_missing: dict[bytes, int] = {}
         for i, key in enumerate(keys):
             if key not in stored and key not in first_missing:
                 first_missing[key] = i
         new_keys = list(first_missing)
-        new_vectors = self.backbone.embed([images[i] for i in first_missing.values()]) if new_keys \
+        new_vectors = self.backbone.embed([pixels(i) for i in first_missing.values()]) if new_keys \
             else np.empty((0, self.spec.output_dim), dtype=np.float32)
         computed = dict(zip(new_keys, new_vectors))
         vectors = np.empty((len(keys), self.spec.output_dim), dtype=np.float32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import stat
@@ -37,6 +38,13 @@ def canonical_pixels(array: np.ndarray) -> np.ndarray:
     if array.shape[2] == 4:
         array = array[:, :, :3]
     return np.ascontiguousarray(array)
+
+
+def pixel_digest(image: np.ndarray) -> bytes:
+    """sha256 of canonical pixels with their dtype and shape (32 bytes): an image's identity."""
+    digest = hashlib.sha256(f"{image.dtype.str}|{'x'.join(map(str, image.shape))}|".encode())
+    digest.update(np.ascontiguousarray(image).data)
+    return digest.digest()
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

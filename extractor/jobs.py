@@ -84,6 +84,8 @@ def run_embed_job(dataset: Dataset, embedder: Embedder, feature_set: str, *, bat
 
     Each batch's new vectors and its items land in one transaction; a rerun after a kill recomputes
     only what is missing. Unreadable images are skipped and listed in the summary and the feature set.
+    Image files unchanged (same size and mtime) since the store last read them are not decoded again:
+    their remembered pixel digests give their keys.
     """
     store, spec = embedder.store, embedder.spec
     total = len(dataset) if limit is None else min(limit, len(dataset))
@@ -94,10 +96,10 @@ def run_embed_job(dataset: Dataset, embedder: Embedder, feature_set: str, *, bat
     skipped_before = len(dataset.skipped)
     bar = _progress_bar(total, f"embed {feature_set}", progress)
     try:
-        for batch in prefetched(dataset.batches(batch_size, limit)):
-            resolved = embedder.resolve(batch.images)
+        for batch in prefetched(dataset.batches(batch_size, limit, known_digests=store.known_file_digests)):
+            resolved = embedder.resolve_digests(batch.digests, batch.pixels)
             store.append_batch(feature_set, summary.images, resolved.keys, batch.labels,
-                               resolved.new_keys, resolved.new_vectors)
+                               resolved.new_keys, resolved.new_vectors, batch.file_digests)
             summary.images += len(batch.images)
             summary.computed += len(resolved.new_keys)
             summary.reused += len(batch.images) - len(resolved.new_keys)

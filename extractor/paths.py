@@ -11,6 +11,7 @@ import hashlib
 import os
 import re
 from pathlib import Path
+from stat import S_ISREG
 
 from extractor.errors import ChecksumError, InvalidInputError
 
@@ -56,6 +57,15 @@ def shards_dir(override: str | os.PathLike | None, feature_set: str) -> Path:
         return Path(override).expanduser()
     # One path component inside shards/: never empty, "." or "..", which would be the folder itself or its parent.
     return cache_dir() / "shards" / (re.sub(r"^\.|[^A-Za-z0-9._-]", "_", feature_set) or "_")
+
+
+def file_identity(path: str) -> tuple[str, int, int] | None:
+    """(path, size, mtime_ns) of a regular file, or None: what a remembered pixel digest is valid for."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return (path, stat.st_size, stat.st_mtime_ns) if S_ISREG(stat.st_mode) else None
 
 
 def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:

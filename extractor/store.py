@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from extractor.errors import InvalidInputError, StoreError, UnknownNameError
+from extractor.paths import file_identity
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ CREATE TABLE IF NOT EXISTS vectors (
     dim      INTEGER NOT NULL,
     vector   BLOB NOT NULL,
     checksum INTEGER NOT NULL
-) WITHOUT ROWID;
+);
 CREATE TABLE IF NOT EXISTS feature_sets (
     name        TEXT PRIMARY KEY,
     fingerprint TEXT NOT NULL,
@@ -54,6 +55,12 @@ CREATE TABLE IF NOT EXISTS feature_set_items (
     key      BLOB NOT NULL,
     label    INTEGER NOT NULL,
     PRIMARY KEY (set_name, position)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS file_digests (
+    path     TEXT PRIMARY KEY,
+    size     INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    digest   BLOB NOT NULL
 ) WITHOUT ROWID;
 """
 
@@ -103,6 +110,8 @@ class EmbeddingStore:
         self._lock = threading.RLock()
         try:
             self._db.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+            self._db.execute("PRAGMA cache_size = -65536")  # 64 MiB of pages: lookups stay in memory
+            self._db.execute("PRAGMA mmap_size = 1073741824")
             if not readonly:
                 self._initialise()
             elif not self._db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]:
@@ -215,14 +224,33 @@ class EmbeddingStore:
                  now, now))
 
     def append_batch(self, name: str, start: int, keys: Sequence[bytes], labels: Sequence[int],
-                     new_keys: Sequence[bytes] = (), new_vectors: np.ndarray | None = None) -> None:
-        """In one transaction: store new vectors and append items start.. of feature set `name`."""
+                     new_keys: Sequence[bytes] = (), new_vectors: np.ndarray | None = None,
+                     file_digests: Sequence[tuple[str, int, int, bytes]] = ()) -> None:
+        """In one transaction: store new vectors, append items start.. of feature set `name`, and
+        remember the pixel digests of files read (path, size, mtime_ns, digest)."""
         with self.transaction() as db:
             if len(new_keys):
                 self.put_many(new_keys, new_vectors, connection=db)
             db.executemany(
                 "INSERT OR REPLACE INTO feature_set_items (set_name, position, key, label) VALUES (?, ?, ?, ?)",
                 [(name, start + i, key, int(label)) for i, (key, label) in enumerate(zip(keys, labels))])
+            db.executemany("INSERT OR REPLACE INTO file_digests (path, size, mtime_ns, digest) VALUES (?, ?, ?, ?)",
+                           file_digests)
+
+    def known_file_digests(self, files: Sequence[tuple[str, int, int]]) -> dict[str, bytes]:
+        """Pixel digests remembered for files (path, size, mtime_ns) whose size and mtime still match."""
+        wanted = {path: (size, mtime_ns) for path, size, mtime_ns in files}
+        found: dict[str, bytes] = {}
+        paths = list(wanted)
+        with self._lock:
+            for start in range(0, len(paths), QUERY_CHUNK):
+                chunk = paths[start:start + QUERY_CHUNK]
+                for path, size, mtime_ns, digest in self._db.execute(
+                        f"SELECT path, size, mtime_ns, digest FROM file_digests WHERE path IN "
+                        f"({','.join('?' * len(chunk))})", chunk):
+                    if wanted[path] == (size, mtime_ns):
+                        found[path] = digest
+        return found
 
     def finish_feature_set(self, name: str, count: int, skipped: Sequence[dict] = ()) -> None:
         with self.transaction() as db:
@@ -311,13 +339,18 @@ class EmbeddingStore:
         return VerifyReport(checked, corrupt, problems)
 
     def gc(self, dry_run: bool = False) -> int:
-        """Delete vectors that no feature set refers to; return how many (would) go."""
+        """Delete vectors that no feature set refers to, and the remembered digests of files that are
+        gone or changed; return how many vectors (would) go."""
         unreferenced = "FROM vectors WHERE key NOT IN (SELECT key FROM feature_set_items)"
         if dry_run:
             with self._lock:
                 return self._db.execute(f"SELECT COUNT(*) {unreferenced}").fetchone()[0]
+        with self._lock:
+            remembered = self._db.execute("SELECT path, size, mtime_ns FROM file_digests").fetchall()
+        stale = [(path,) for path, size, mtime_ns in remembered if file_identity(path) != (path, size, mtime_ns)]
         with self.transaction() as db:
             removed = db.execute(f"DELETE {unreferenced}").rowcount
+            db.executemany("DELETE FROM file_digests WHERE path = ?", stale)
         with self._lock:
             self._db.execute("VACUUM")
         return removed

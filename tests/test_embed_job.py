@@ -178,3 +178,42 @@ def test_two_jobs_writing_one_store_at_once(tmp_path, vgg):
     with EmbeddingStore(store_path, readonly=True) as store:
         assert store.verify().ok and store.vector_count() == 120
         np.testing.assert_array_equal(store.load_feature_set("a")[0], store.load_feature_set("b")[0])
+
+
+def test_unchanged_files_are_not_decoded_again(tmp_path, vgg, monkeypatch):
+    import extractor.datasets as datasets
+
+    rng = np.random.default_rng(3)
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "imgs" / "a" / f"{i}.png")
+    old = time.time() - 60  # settled files: their digests are remembered
+    for path in (tmp_path / "imgs" / "a").iterdir():
+        os.utime(path, (old, old))
+    decoded = []
+    real_read = datasets.read_image_file
+    monkeypatch.setattr(datasets, "read_image_file", lambda path: decoded.append(path) or real_read(path))
+    spec_text = f"folder:{tmp_path / 'imgs'}"
+    with EmbeddingStore(tmp_path / "s.sqlite") as store:
+        run_embed_job(open_dataset(spec_text), Embedder(vgg, store), "f")
+        assert len(decoded) == 6
+        first = store.load_feature_set("f")[0]
+
+        decoded.clear()
+        again = run_embed_job(open_dataset(spec_text), Embedder(vgg, store), "f")
+        assert decoded == [] and again.reused == 6
+        np.testing.assert_array_equal(store.load_feature_set("f")[0], first)
+
+        changed = tmp_path / "imgs" / "a" / "2.png"
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(changed)
+        os.utime(changed, (old + 5, old + 5))
+        third = run_embed_job(open_dataset(spec_text), Embedder(vgg, store), "f")
+        assert decoded == [str(changed)] and third.computed == 1
+        np.testing.assert_array_equal(store.load_feature_set("f")[0][2], load_backbone(vgg).embed(
+            [np.zeros((32, 32, 3), np.uint8)])[0])
+
+        (tmp_path / "imgs" / "a" / "5.png").unlink()
+        store.gc()
+        assert len(store.known_file_digests([(p, 0, 0) for p in decoded])) == 0
+        with store.transaction() as db:
+            assert db.execute("SELECT COUNT(*) FROM file_digests").fetchone()[0] == 5
