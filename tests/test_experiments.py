@@ -132,3 +132,16 @@ def test_a_trained_and_saved_head_is_served_with_its_class_names(tmp_path, head)
         X, y, _ = store.load_feature_set("test")
     probabilities = heads["abc"].model.predict_proba(X)
     assert probabilities.shape == (60, 3) and np.mean(probabilities.argmax(1) == y) > 0.8
+
+
+def test_run_command_rejects_unknown_experiments(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "classifiers", "--store", str(tmp_path / "s.sqlite"), "run",
+                          "--experiments", "cifar_vgg,nope"], capture_output=True, text=True)
+    assert out.returncode == 2 and "unknown experiment 'nope'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_backbones_used_include_concatenated_rows():
+    from classifiers.experiments import EXPERIMENTS, backbones_used
+
+    assert backbones_used(EXPERIMENTS["cifar_vgg"]) == {"vgg16", "mobilenet_v1", "squeezenet"}
+    assert "mnist_cnn" in backbones_used(EXPERIMENTS["tl_mnist"])
