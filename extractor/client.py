@@ -15,15 +15,14 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extractor.errors import ExtractorError, InvalidInputError
+from extractor.wire import HEADROOM, KEY_BYTES, vectors_per_response
 from protos import feature_service_pb2 as pb
 from protos import feature_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-KEY_BYTES = 32
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatureService"].full_name
 MAX_BACKOFF = 2.0  # seconds between retries, at most
-HEADROOM = 64 * 1024  # bytes a request keeps free of images under the message limit (framing, names)
 
 ImageLike = np.ndarray | bytes | str | os.PathLike  # pixels, an encoded file's bytes, or a file path
 # Images for one call: a sequence of ImageLike, or one stacked uint8 array (n, H, W[, C]), which travels
@@ -120,6 +119,7 @@ class FeatureClient:
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self._limits: pb.Limits | None = None
+        self._output_dims: dict[str, int] = {}
 
     def close(self) -> None:
         self.channel.close()
@@ -178,12 +178,22 @@ class FeatureClient:
             self._limits = self.backbones()[0].limits
         return self._limits
 
-    def _requests(self, images: Images) -> Iterator[tuple[int, dict]]:
-        """(offset, request fields) per request, within the server's images-per-request and message-size limits."""
+    def output_dim(self, backbone: str) -> int:
+        """The width of `backbone`'s vectors (asked once)."""
+        if backbone not in self._output_dims:
+            self._output_dims[backbone] = self.backbone(backbone).output_dim
+        return self._output_dims[backbone]
+
+    def _requests(self, images: Images, response_dim: int = 0) -> Iterator[tuple[int, dict]]:
+        """(offset, request fields) per request, within the server's limits: images per request, and
+        message bytes both for the request and for a response of `response_dim`-wide vectors."""
         limits = self.limits()
         budget = max(limits.max_message_bytes - HEADROOM, 1)
+        most = limits.max_images_per_request
+        if response_dim:
+            most = min(most, vectors_per_response(limits.max_message_bytes, response_dim))
         if isinstance(images, np.ndarray):
-            per_request = min(limits.max_images_per_request, max(budget // max(images[0:1].nbytes, 1), 1))
+            per_request = min(most, max(budget // max(images[0:1].nbytes, 1), 1))
             for start in range(0, max(len(images), 1), per_request):
                 yield start, {"batch": tensor(images[start:start + per_request])}
             return
@@ -191,7 +201,7 @@ class FeatureClient:
         size = start = 0
         for i, image in enumerate(images):
             message = image_message(image)
-            if batch and (len(batch) == limits.max_images_per_request or size + message.ByteSize() > budget):
+            if batch and (len(batch) == most or size + message.ByteSize() > budget):
                 yield start, {"images": batch}
                 batch, size, start = [], 0, i
             batch.append(message)
@@ -205,7 +215,7 @@ class FeatureClient:
               timeout: float | None = None) -> EmbedResult:
         """Vectors (n, d) float32 of `images`, split into as many requests as the server's limits need."""
         parts = []
-        for offset, fields in self._requests(images):
+        for offset, fields in self._requests(images, self.output_dim(backbone)):
             request = pb.EmbedRequest(backbone=backbone, all_or_nothing=all_or_nothing, **fields)
             part = _embed_result(self._unary(self.stub.Embed, request, timeout))
             for failure in part.errors:
@@ -219,7 +229,12 @@ class FeatureClient:
                      timeout: float | None = None) -> Iterator[EmbedResult]:
         """Stream any number of images in chunks of `chunk_size`; yields one result per chunk, in order
         (`offset` says where it starts; error indices count from the stream's first image).
-        A stacked array (n, H, W[, C]) goes as `batch` tensors. `timeout` bounds the whole stream (default: none)."""
+        A stacked array (n, H, W[, C]) goes as `batch` tensors. `timeout` bounds the whole stream (default: none).
+        Chunks are made smaller where the server's limits need it."""
+        limits = self.limits()
+        chunk_size = max(min(chunk_size, limits.max_images_per_request,
+                             vectors_per_response(limits.max_message_bytes, self.output_dim(backbone))), 1)
+
         def requests() -> Iterator[pb.EmbedRequest]:
             if isinstance(images, np.ndarray):
                 for start in range(0, len(images), chunk_size):
@@ -242,10 +257,18 @@ class FeatureClient:
 
     def get_embeddings(self, backbone: str, keys: Sequence[bytes], *,
                        timeout: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Stored vectors by content key, never computed: (n, d) float32 (NaN rows where not found), found (n,)."""
-        request = pb.GetEmbeddingsRequest(backbone=backbone, keys=b"".join(keys))
-        response = self._unary(self.stub.GetEmbeddings, request, timeout)
-        return as_matrix(response.vectors), np.array(response.found, dtype=bool)
+        """Stored vectors by content key, never computed: (n, d) float32 (NaN rows where not found), found (n,).
+        Split into as many requests as the server's limits need."""
+        limits = self.limits()
+        per_request = min(limits.max_images_per_request,
+                          vectors_per_response(limits.max_message_bytes, self.output_dim(backbone)))
+        vectors, found = [], []
+        for start in range(0, max(len(keys), 1), per_request):
+            request = pb.GetEmbeddingsRequest(backbone=backbone, keys=b"".join(keys[start:start + per_request]))
+            response = self._unary(self.stub.GetEmbeddings, request, timeout)
+            vectors.append(as_matrix(response.vectors))
+            found.append(np.array(response.found, dtype=bool))
+        return np.concatenate(vectors), np.concatenate(found)
 
     def classify(self, head: str, images: Images, *, all_or_nothing: bool = False,
                  timeout: float | None = None) -> ClassifyResult:

@@ -21,10 +21,10 @@ from extractor.errors import ExtractorError, InvalidInputError, LimitExceededErr
 from extractor.images import canonical_pixels, decode_image
 from extractor.jobs import prefetched
 from extractor.store import EmbeddingStore
+from extractor.wire import KEY_BYTES, vectors_per_response, vectors_response_bytes
 
 log = logging.getLogger(__name__)
 
-KEY_BYTES = 32
 HEAD_SUFFIXES = (".keras", ".joblib")  # how saved heads are written (see classifiers.persistence)
 
 
@@ -453,6 +453,7 @@ class FeatureService:
         count = len(images) + len(stacked)
         if count > self.limits.max_images_per_request:
             raise LimitExceededError("images per request", count, self.limits.max_images_per_request)
+        self._check_response_size(count, served.spec.output_dim)
         images = [*images, *stacked]
         pending = PendingEmbed(served, len(images), offset, call)
         pixels = []
@@ -504,9 +505,10 @@ class FeatureService:
         n = len(keys) // KEY_BYTES
         if n > self.limits.max_images_per_request:
             raise LimitExceededError("keys per request", n, self.limits.max_images_per_request)
+        dim = spec.output_dim
+        self._check_response_size(n, dim)
         key_list = [keys[i:i + KEY_BYTES] for i in range(0, len(keys), KEY_BYTES)]
         stored = self._stored(key_list)
-        dim = spec.output_dim
         vectors = np.full((n, dim), np.nan, dtype=np.float32)
         found = np.zeros(n, dtype=bool)
         for i, key in enumerate(key_list):
@@ -518,6 +520,14 @@ class FeatureService:
             vectors[i] = vector
             found[i] = True
         return vectors, found
+
+    def _check_response_size(self, count: int, dim: int) -> None:
+        """Refuse, before any work, a request whose vectors could not travel back in one message."""
+        size = vectors_response_bytes(count, dim)
+        if size > self.limits.max_message_bytes:
+            fit = vectors_per_response(self.limits.max_message_bytes, dim)
+            raise LimitExceededError(f"response bytes ({count} vectors of {dim} floats; {fit} fit)",
+                                     size, self.limits.max_message_bytes)
 
     def _stored(self, keys: list[bytes]) -> dict[bytes, np.ndarray]:
         """The vectors among `keys` that are stored: from memory when hot, else from the store (and kept)."""

@@ -22,12 +22,12 @@ import pyarrow.parquet as pq
 from extractor import paths
 from extractor.errors import ChecksumError, InvalidInputError, StoreError
 from extractor.store import EmbeddingStore
+from extractor.wire import KEY_BYTES
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
-KEY_BYTES = 32
 IMPORT_BATCH_ROWS = 4096  # rows per store transaction when importing a large file
 
 

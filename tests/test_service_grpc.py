@@ -20,7 +20,9 @@ from extractor.datasets import open_dataset
 from extractor.embedder import Embedder
 from extractor.jobs import run_embed_job
 from extractor.server import SERVICE_NAME
+from extractor.service import Limits
 from extractor.store import EmbeddingStore
+from extractor.wire import vectors_response_bytes
 from protos import feature_service_pb2 as pb
 from protos import feature_service_pb2_grpc as pb_grpc
 
@@ -278,6 +280,30 @@ def test_get_embeddings_returns_stored_vectors_only(client):
     vectors, found = client.get_embeddings("vgg16", embedded.keys + [bytes(32)])
     assert found.tolist() == [True, True, True, False]
     assert np.array_equal(vectors[:3], embedded.vectors) and np.isnan(vectors[3]).all()
+
+
+def test_clients_split_calls_whose_vectors_would_not_fit_one_response(spec, tmp_path, reference):
+    """Small images with wide vectors: the response, not the request, is what must be split."""
+    limits = Limits(max_images_per_request=64, max_message_bytes=vectors_response_bytes(20, 512),
+                    max_decoded_pixels=100 * 100)
+    server = start_server(spec, tmp_path / "store.sqlite", limits=limits)
+    try:
+        images = random_images(50, seed=15, size=16)
+        with FeatureClient(f"127.0.0.1:{server.port}", timeout=30) as client:
+            result = client.embed("vgg16", images)
+            assert np.array_equal(result.vectors, reference(images)) and not result.errors
+            vectors, found = client.get_embeddings("vgg16", result.keys)
+            assert found.all() and np.array_equal(vectors, result.vectors)
+            parts = list(client.embed_stream("vgg16", images))
+            assert [p.offset for p in parts] == [0, 20, 40] and all(p.cached.all() for p in parts)
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            with pytest.raises(grpc.RpcError) as caught:
+                pb_grpc.FeatureServiceStub(channel).Embed(pb.EmbedRequest(backbone="vgg16", batch=pb.Tensor(
+                    data=np.stack(images[:21]).tobytes(), shape=[21, 16, 16, 3], dtype="uint8")), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "response bytes (21 vectors of 512 floats; 20 fit)" in caught.value.details()
+    finally:
+        server.stop(grace=1)
 
 
 def test_heads_are_listed_and_classify_matches_the_head(client, server, reference, heads_dir):

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from extractor.shards import KEY_BYTES, feature_table, shard_file_name, write_feature_table
+from extractor.shards import feature_table, shard_file_name, write_feature_table
+from extractor.wire import KEY_BYTES
 
 log = logging.getLogger(__name__)
 
