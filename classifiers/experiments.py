@@ -288,7 +288,7 @@ class ExperimentRunner:
                             method.lecture, [r.history for r in results])
 
     def _run_sklearn(self, experiment: Experiment, method: Method) -> MethodResult:
-        from classifiers.baselines import make_head, single_threaded_blas
+        from classifiers.baselines import chosen_params, make_head, single_threaded_blas
 
         data = self.trial_data(experiment, method)
         trials, test = self.settings.scope(experiment, method)
@@ -298,7 +298,7 @@ class ExperimentRunner:
             for t, (X, y) in enumerate(zip(data.X_trials, data.y_trials)):
                 head = make_head(method.model, random_state=t).fit(X, y)
                 accuracies.append(float(head.score(data.X_test, data.y_test)))
-                chosen.append(getattr(head, "best_params_", None))
+                chosen.append(chosen_params(head))
         note = "" if test == experiment.test else \
             f"short default: {trials} trials, tested on {test} ({len(data.y_test)} images); FULL=1: all"
         return MethodResult(method.name, accuracies, time.perf_counter() - start,

@@ -9,19 +9,9 @@ from classifiers.baselines import make_head
 from classifiers.heads import HEAD_SPECS, KerasHead
 
 
-def _expected_failed_checks(estimator) -> dict[str, str]:
-    if isinstance(estimator, KerasHead):
-        return {}
-    return {
-        "check_dtype_object": "GridSearchCV hands y to StratifiedKFold first, whose error for an object-typed "
-        "float y says 'Supported target types' rather than 'Unknown label type'",
-    }
-
-
 @parametrize_with_checks(
     [KerasHead(epochs=10, batch_size=16, learning_rate=0.1, random_state=0),
      make_head("logreg", random_state=0, Cs=(0.1, 10.0), n_splits=3)],
-    expected_failed_checks=_expected_failed_checks,
 )
 def test_sklearn_compatible(estimator, check):
     check(estimator)
