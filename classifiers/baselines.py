@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
+from joblib import Parallel, delayed
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegressionCV, RidgeClassifier
 from sklearn.model_selection import StratifiedKFold
@@ -78,6 +81,16 @@ def single_threaded_blas():
 def chosen_params(head) -> dict | None:
     """What a fitted head chose by cross-validation (logreg's C), or None."""
     return {"C": head.C_} if isinstance(head, SweptLogisticRegression) else None
+
+
+def fit_trials(name: str, trials: Iterable[tuple[np.ndarray, np.ndarray]], seeds: Iterable[int]) -> list:
+    """One fitted `name` baseline per trial's (X, y) and seed, trials side by side in threads with one
+    BLAS thread each (1.3-1.5x faster than one after another on 2 cores; the same fits either way)."""
+    def fit(X, y, seed):
+        return make_head(name, random_state=seed).fit(X, y)
+
+    with single_threaded_blas():
+        return Parallel(n_jobs=-1, prefer="threads")(delayed(fit)(X, y, seed) for (X, y), seed in zip(trials, seeds))
 
 
 def make_head(name: str, random_state=None, **params) -> ClassifierMixin:

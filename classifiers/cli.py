@@ -113,7 +113,7 @@ def cmd_run(args) -> int:
 def cmd_compare(args) -> int:
     import numpy as np
 
-    from classifiers.baselines import make_head, single_threaded_blas
+    from classifiers.baselines import fit_trials
     from classifiers.heads import HEAD_SPECS
     from classifiers.report import ExperimentResult, MethodResult, format_table, new_run_dir, write_report
     from classifiers.trainer import train_trials
@@ -142,8 +142,8 @@ def cmd_compare(args) -> int:
             accuracies = [float(np.mean(r.predict(X_test) == y_test)) for r in results]
             settings |= {"epochs": args.epochs, "batch_size": args.batch_size}
         else:
-            with single_threaded_blas():
-                accuracies = [float(make_head(head, random_state=s).fit(X, y).score(X_test, y_test)) for s in seeds]
+            fitted = fit_trials(head, [(X, y)] * len(seeds), seeds)
+            accuracies = [float(model.score(X_test, y_test)) for model in fitted]
         rows.append(MethodResult(head, accuracies, time.perf_counter() - start, settings))
     result = ExperimentResult("compare", f"train {args.train_set} ({len(X)}), test {args.test_set} ({len(X_test)}), "
                               f"{X.shape[1]}-d features", rows,

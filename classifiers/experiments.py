@@ -288,17 +288,14 @@ class ExperimentRunner:
                             method.lecture, [r.history for r in results])
 
     def _run_sklearn(self, experiment: Experiment, method: Method) -> MethodResult:
-        from classifiers.baselines import chosen_params, make_head, single_threaded_blas
+        from classifiers.baselines import chosen_params, fit_trials
 
         data = self.trial_data(experiment, method)
         trials, test = self.settings.scope(experiment, method)
         start = time.perf_counter()
-        accuracies, chosen = [], []
-        with single_threaded_blas():
-            for t, (X, y) in enumerate(zip(data.X_trials, data.y_trials)):
-                head = make_head(method.model, random_state=t).fit(X, y)
-                accuracies.append(float(head.score(data.X_test, data.y_test)))
-                chosen.append(chosen_params(head))
+        heads = fit_trials(method.model, zip(data.X_trials, data.y_trials), range(len(data.y_trials)))
+        accuracies = [float(head.score(data.X_test, data.y_test)) for head in heads]
+        chosen = [chosen_params(head) for head in heads]
         note = "" if test == experiment.test else \
             f"short default: {trials} trials, tested on {test} ({len(data.y_test)} images); FULL=1: all"
         return MethodResult(method.name, accuracies, time.perf_counter() - start,

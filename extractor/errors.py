@@ -1,5 +1,7 @@
 """Domain errors, one class per kind of failure; the gRPC layer maps each to one status code."""
 
+import difflib
+
 
 class ExtractorError(Exception):
     """Base of every error this project raises on purpose."""
@@ -8,9 +10,16 @@ class ExtractorError(Exception):
 class UnknownNameError(ExtractorError, KeyError):
     """A backbone, recipe, dataset, feature set or head name that does not exist."""
 
+    SHOWN = 12  # known names quoted in the message; a store can hold hundreds of feature sets
+
     def __init__(self, kind: str, name: str, known):
         self.kind, self.name, self.known = kind, name, sorted(known)
-        super().__init__(f"unknown {kind} {name!r}; known: {', '.join(self.known) or '(none)'}")
+        if len(self.known) <= self.SHOWN:
+            message = f"known: {', '.join(self.known) or '(none)'}"
+        else:
+            closest = difflib.get_close_matches(name, self.known, n=self.SHOWN, cutoff=0)
+            message = f"closest of the {len(self.known)} known: {', '.join(closest)}"
+        super().__init__(f"unknown {kind} {name!r}; {message}")
 
     def __str__(self) -> str:  # KeyError would quote the message
         return self.args[0]

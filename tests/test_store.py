@@ -130,3 +130,15 @@ def test_export_npy_and_parquet(tmp_path):
 def test_non_finite_vectors_are_refused(tmp_path):
     with EmbeddingStore(tmp_path / "s.sqlite") as store, pytest.raises(ValueError, match="NaN"):
         store.put_many(keys(1), np.array([[np.nan, 1.0]], np.float32))
+
+
+def test_an_unknown_feature_set_among_many_names_the_closest(tmp_path):
+    with EmbeddingStore(tmp_path / "store.sqlite") as store:
+        for seed in range(30):
+            store.begin_feature_set(f"vgg16/cifar10:small?seed={seed}", fingerprint="f", backbone={},
+                                    data_spec="d", class_names=["a"])
+        with pytest.raises(UnknownNameError) as caught:
+            store.load_feature_set("vgg16/cifar10:small?seed=7x")
+    message = str(caught.value)
+    assert "closest of the 30 known: vgg16/cifar10:small?seed=7," in message
+    assert message.count("vgg16/") == 1 + UnknownNameError.SHOWN  # the name asked for, then the closest
