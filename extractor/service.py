@@ -440,12 +440,15 @@ class FeatureService:
     # --- embedding -----------------------------------------------------------------------------------
 
     def begin_embed(self, backbone: str, images: Sequence[ImageInput], *, batch: RawPixels | None = None,
-                    all_or_nothing: bool = False, call: Call = Call(), offset: int = 0) -> PendingEmbed:
+                    all_or_nothing: bool = False, call: Call = Call(), offset: int = 0,
+                    returns_vectors: bool = True) -> PendingEmbed:
         """Check and decode the images (`images`, then those of `batch`), answer what the store holds,
         queue the rest for the backbone.
 
         A bad image is recorded against its index (`offset` + position) and the others go on, unless
-        `all_or_nothing`, which raises the first image's error instead. A malformed batch fails the call.
+        `all_or_nothing`, which raises the first image's error instead. A malformed batch fails the call,
+        and so do more vectors than one response message holds when they go back to the caller
+        (`returns_vectors`).
         """
         self._require_ready()
         served = self._served(backbone)
@@ -453,7 +456,8 @@ class FeatureService:
         count = len(images) + len(stacked)
         if count > self.limits.max_images_per_request:
             raise LimitExceededError("images per request", count, self.limits.max_images_per_request)
-        self._check_response_size(count, served.spec.output_dim)
+        if returns_vectors:
+            self._check_response_size(count, served.spec.output_dim)
         images = [*images, *stacked]
         pending = PendingEmbed(served, len(images), offset, call)
         pixels = []
@@ -476,9 +480,10 @@ class FeatureService:
         return pending
 
     def embed(self, backbone: str, images: Sequence[ImageInput], *, batch: RawPixels | None = None,
-              all_or_nothing: bool = False, call: Call = Call()) -> EmbedOutcome:
+              all_or_nothing: bool = False, call: Call = Call(), returns_vectors: bool = True) -> EmbedOutcome:
         """Get-or-compute the (n, d) float32 vectors of `images` and `batch` (see `begin_embed`)."""
-        return self.begin_embed(backbone, images, batch=batch, all_or_nothing=all_or_nothing, call=call).result()
+        return self.begin_embed(backbone, images, batch=batch, all_or_nothing=all_or_nothing, call=call,
+                                returns_vectors=returns_vectors).result()
 
     def embed_stream(self, requests: Iterable[StreamRequest], call: Call = Call()) -> Iterator[EmbedOutcome]:
         """One outcome per request, in order; up to `stream_window` later requests are decoded, looked up
@@ -553,7 +558,8 @@ class FeatureService:
                 f"served backbone for head {head_name!r}, which reads vectors of fingerprint",
                 head.backbone_fingerprint[:16],
                 [f"{name} {served.embedder.fingerprint[:16]}" for name, served in self.served.items()])
-        outcome = self.embed(backbone, images, batch=batch, all_or_nothing=all_or_nothing, call=call)
+        outcome = self.embed(backbone, images, batch=batch, all_or_nothing=all_or_nothing, call=call,
+                             returns_vectors=False)  # only probabilities go back
         n, k = len(outcome.ok), len(head.class_names)
         probabilities = np.full((n, k), np.nan, dtype=np.float32)
         labels = [""] * n

@@ -282,11 +282,12 @@ def test_get_embeddings_returns_stored_vectors_only(client):
     assert np.array_equal(vectors[:3], embedded.vectors) and np.isnan(vectors[3]).all()
 
 
-def test_clients_split_calls_whose_vectors_would_not_fit_one_response(spec, tmp_path, reference):
-    """Small images with wide vectors: the response, not the request, is what must be split."""
+def test_clients_split_calls_whose_vectors_would_not_fit_one_response(spec, tmp_path, reference, heads_dir):
+    """Small images with wide vectors: the response, not the request, is what must be split; Classify,
+    which returns no vectors, is not."""
     limits = Limits(max_images_per_request=64, max_message_bytes=vectors_response_bytes(20, 512),
                     max_decoded_pixels=100 * 100)
-    server = start_server(spec, tmp_path / "store.sqlite", limits=limits)
+    server = start_server(spec, tmp_path / "store.sqlite", limits=limits, heads_dir=heads_dir)
     try:
         images = random_images(50, seed=15, size=16)
         with FeatureClient(f"127.0.0.1:{server.port}", timeout=30) as client:
@@ -296,6 +297,8 @@ def test_clients_split_calls_whose_vectors_would_not_fit_one_response(spec, tmp_
             assert found.all() and np.array_equal(vectors, result.vectors)
             parts = list(client.embed_stream("vgg16", images))
             assert [p.offset for p in parts] == [0, 20, 40] and all(p.cached.all() for p in parts)
+            classified = client.classify("lr", images)
+            assert classified.probabilities.shape == (50, 3) and classified.cached.all()
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             with pytest.raises(grpc.RpcError) as caught:
                 pb_grpc.FeatureServiceStub(channel).Embed(pb.EmbedRequest(backbone="vgg16", batch=pb.Tensor(
