@@ -302,12 +302,6 @@ class EmbeddingStore:
         y = np.array([row[1] for row in rows], dtype=np.int64)
         return X, y, info.class_names
 
-    def delete_feature_set(self, name: str) -> None:
-        self.feature_set(name)
-        with self.transaction() as db:
-            db.execute("DELETE FROM feature_set_items WHERE set_name = ?", (name,))
-            db.execute("DELETE FROM feature_sets WHERE name = ?", (name,))
-
     # --- maintenance ---------------------------------------------------------------------------------
 
     def verify(self) -> VerifyReport:
