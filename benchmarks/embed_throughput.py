@@ -24,7 +24,7 @@ from benchmarks.common import median_seconds, write_results  # noqa: E402
 def raw_forward(images: int, batch_sizes: list[int]) -> dict:
     import numpy as np
 
-    from extractor.backbones import get_backbone_spec, load_backbone
+    from extractor.models import get_backbone_spec, load_backbone
     from extractor.datasets import open_dataset
 
     backbone = load_backbone(get_backbone_spec("vgg16"))
@@ -44,7 +44,7 @@ def raw_forward(images: int, batch_sizes: list[int]) -> dict:
 
 def embed_job(store: str, images: int, batch_size: int) -> dict:
     """One embed job in this process (backbone already built); returns the job summary."""
-    from extractor.backbones import get_backbone_spec
+    from extractor.models import get_backbone_spec
     from extractor.datasets import open_dataset
     from extractor.embedder import Embedder
     from extractor.jobs import run_embed_job

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from classifiers.heads import head_spec
+from extractor.errors import InvalidInputError
 
 
 def cifar_cnn(activation: str, num_classes: int = 10, input_shape=(32, 32, 3)):
@@ -46,29 +47,24 @@ def lecture_head_layers(spec_name: str, num_classes: int) -> list:
     return head + [layers.Dense(num_classes, activation="softmax")]
 
 
-def freeze_and_retrain_model(frozen_layers: list, input_shape, head: str, num_classes: int, flatten: bool = True):
-    """`keras.Sequential([Input] + frozen layers [+ Flatten] + head)`, the frozen layers not trainable."""
+def freeze_and_retrain_model(spec, head: str, num_classes: int):
+    """`keras.Sequential([Input, frozen backbone, head])` for a Keras repository entry: the backbone is
+    the very model the embeddings come from (same file, cut, pooling), not trainable.
+
+    For tl_mnist's CNN cut after Flatten with the "mnist-cnn" head (Dropout 0.5 + Dense) this is the
+    lecture's `model.layers[0:num_layers-1] + [Dense]`; for VGG16 it is the lecture's frozen convolutional
+    base + Flatten + head.
+    """
     import keras
 
-    for layer in frozen_layers:
-        layer.trainable = False
-    middle = [keras.layers.Flatten()] if flatten else []
-    return keras.Sequential([keras.Input(shape=input_shape)] + frozen_layers + middle
-                            + lecture_head_layers(head, num_classes))
+    from extractor import paths
+    from extractor.models.runtimes.keras_model import cut_model
 
-
-def vgg16_layers(weights_path: str, input_shape) -> list:
-    import keras
-
-    return keras.applications.VGG16(include_top=False, weights=weights_path, input_shape=input_shape).layers[1:]
-
-
-def pretrained_cnn_layers(path: str) -> list:
-    """tl_mnist's pretrained CNN up to its Flatten; with the "mnist-cnn" head (Dropout 0.5 + Dense) this
-    is the lecture's `model.layers[0:num_layers-1] + [Dense]`."""
-    import keras
-
-    return keras.models.load_model(path, compile=False).layers[:-2]
+    if spec.runtime != "keras":
+        raise InvalidInputError(f"the classic baseline trains Keras models end to end; {spec.name} runs on "
+                                f"{spec.runtime}")
+    frozen = cut_model(spec, str(paths.verified_file(spec.path, spec.sha256)))
+    return keras.Sequential([keras.Input(shape=spec.input_shape), frozen] + lecture_head_layers(head, num_classes))
 
 
 @dataclass

@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args) -> int:
-    from classifiers.experiments import EXPERIMENTS, ExperimentRunner, RunSettings, backbones_used
+    from classifiers.experiments import EXPERIMENTS, ExperimentRunner, RunSettings
     from classifiers.report import format_table, new_run_dir, write_report
     from extractor import paths
     from extractor.errors import UnknownNameError
@@ -80,7 +80,7 @@ def cmd_run(args) -> int:
         if name not in EXPERIMENTS:
             raise UnknownNameError("experiment", name, EXPERIMENTS)
     started = time.perf_counter()
-    if any("mnist_cnn" in backbones_used(EXPERIMENTS[name]) for name in names):
+    if any(EXPERIMENTS[name].pretrains_source_cnn for name in names):
         pretrain_started = time.perf_counter()
         path, meta = pretrain_mnist_cnn(data_dir=args.data_dir)
         log.info("pretrained mnist_cnn ready (%s, %.1f s)", path, time.perf_counter() - pretrain_started)

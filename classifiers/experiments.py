@@ -31,18 +31,18 @@ class Features:
     pooling: str | None = None
 
     def spec(self, data_dir=None):
-        from extractor.backbones import get_backbone_spec
+        from extractor.models import get_backbone_spec
 
         return get_backbone_spec(self.backbone, input_size=self.input_size, recipe=self.recipe,
                                  pooling=self.pooling, data_dir=data_dir)
 
     def label(self, data_dir=None) -> str:
         spec = self.spec(data_dir)
-        return f"{spec.name}/{spec.recipe.name}/{spec.input_size}/{spec.pooling}"
+        return f"{spec.name}/{spec.preprocessing.name}/{spec.input_size}/{spec.pooling}"
 
     def describe(self, data_dir=None) -> dict:
         spec = self.spec(data_dir)
-        return {"backbone": spec.name, "recipe": spec.recipe.name, "input_size": spec.input_size,
+        return {"backbone": spec.name, "recipe": spec.preprocessing.name, "input_size": spec.input_size,
                 "pooling": spec.pooling, "fingerprint": spec.fingerprint}
 
 
@@ -80,6 +80,7 @@ class Experiment:
     test: str
     methods: tuple[Method, ...]
     notes: tuple[str, ...] = ()
+    pretrains_source_cnn: bool = False   # its source network (`extractor pretrain mnist_cnn`) is trained first
 
 
 VGG_LECTURE = Features("vgg16")          # the lecture: pixels / 255, 32x32, flattened block5_pool
@@ -105,6 +106,7 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
                    "logreg", (MNIST_CNN, MOBILENET), beyond=True, quick_test=MNIST_QUICK_TEST),
         ),
         ("tl_mnist's pretrained CNN: 15 epochs, batch 128, Adam on the 29,492 images of digits 0,2,4,6,8.",),
+        pretrains_source_cnn=True,
     ),
     Experiment(
         "mnist_vgg", "MNIST digits 1,3,5,7,9 from 100 training images on VGG16 (ImageNet), the lecture's heads",
@@ -149,11 +151,6 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
          "Validation on the 10,000 test images after every epoch, as cifar_vgg.py does (history in the plots)."),
     ),
 )}
-
-
-def backbones_used(experiment: Experiment) -> set[str]:
-    """The backbones an experiment's rows read vectors from (or run end to end)."""
-    return {part.backbone for method in experiment.methods if method.features for part in parts(method.features)}
 
 
 @dataclass
@@ -304,13 +301,12 @@ class ExperimentRunner:
     def _pixels(self, data_spec: str, features: Features | None) -> tuple[np.ndarray, np.ndarray]:
         """The model's input for a split: the backbone's recipe, or pixels / 255 for from-scratch CNNs."""
         from extractor.datasets import open_dataset
-        from extractor.recipes import apply_recipe
 
         x, y = open_dataset(data_spec, self.data_dir).arrays()
         if features is None:
             return x.astype(np.float32) / np.float32(255), y
         spec = features.spec(self.data_dir)
-        return apply_recipe(spec.recipe, list(x), spec.input_size, spec.channels), y
+        return spec.preprocessing.apply(list(x), spec.input_size, spec.channels), y
 
     def _pixel_trials(self, experiment: Experiment, method: Method, epochs: int, build_model,
                       identity: dict) -> tuple[list, int]:
@@ -357,16 +353,12 @@ class ExperimentRunner:
 
     def _run_classic(self, experiment: Experiment, method: Method) -> MethodResult:
         """The end-to-end model, timed; in the short default, over a few epochs, extrapolated per epoch."""
-        from classifiers.classic import freeze_and_retrain_model, pretrained_cnn_layers, vgg16_layers
+        from classifiers.classic import freeze_and_retrain_model
 
         spec = method.features.spec(self.data_dir)
 
         def build(num_classes):
-            if spec.name == "mnist_cnn":
-                return freeze_and_retrain_model(pretrained_cnn_layers(spec.weights_path), spec.input_shape,
-                                                method.model, num_classes, flatten=False)
-            return freeze_and_retrain_model(vgg16_layers(spec.weights_path, spec.input_shape), spec.input_shape,
-                                            method.model, num_classes)
+            return freeze_and_retrain_model(spec, method.model, num_classes)
 
         epochs = self.settings.epochs_for(method)
         runs, reused = self._pixel_trials(experiment, method, epochs, build, {"backbone": spec.fingerprint})

@@ -1,4 +1,4 @@
-"""The `python -m extractor` command line: backbones, pretrain, embed, store, serve, classify."""
+"""The `python -m extractor` command line: models, pretrain, embed, store, serve, classify."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import logging
 import sys
 
 from extractor.errors import ExtractorError, InvalidInputError
+from extractor.model_commands import add_model_commands
 
 log = logging.getLogger("extractor")
 
 EPILOG = """examples:
-  python -m extractor backbones
+  python -m extractor models list
+  python -m extractor models add lite0 --file efficientnet_lite0.keras --recipe lite --cut embedding
   python -m extractor pretrain mnist_cnn
   python -m extractor embed --backbone vgg16 --data cifar10:test --feature-set cifar10-test
   python -m extractor embed --backbone vgg16 --recipe caffe --input-size 64 --data folder:~/photos --feature-set photos
@@ -28,19 +30,26 @@ EPILOG = """examples:
 def add_backbone_options(parser: argparse.ArgumentParser) -> None:
     """The options that choose and configure a backbone (shared by every command that embeds)."""
     group = parser.add_argument_group("backbone")
-    group.add_argument("--backbone", required=True, help="registry name (see `extractor backbones`)")
-    group.add_argument("--recipe", help="preprocessing recipe (default: the backbone's first)")
-    group.add_argument("--input-size", type=int, help="square input size in pixels (default: the backbone's)")
-    group.add_argument("--pooling", help="flatten | avg (default: the backbone's)")
-    group.add_argument("--weights", help="weights file instead of the shared one")
-    group.add_argument("--weights-sha256", help="expected sha256 of the weights file")
+    group.add_argument("--backbone", required=True, help="model repository entry (see `extractor models list`)")
+    group.add_argument("--recipe", help="preprocessing preset instead of the entry's (lecture, unit, caffe, tf, "
+                                        "torch, lite, raw, uint8)")
+    group.add_argument("--input-size", type=int, help="square input size in pixels (default: the entry's; only "
+                                                      "for resizable entries)")
+    group.add_argument("--pooling", help="none | flatten | avg | max (default: the entry's)")
+    add_repository_option(group)
+
+
+def add_repository_option(parser) -> None:
+    parser.add_argument("--model-repository", metavar="DIR",
+                        help="your model repository, searched before the shipped one (env "
+                             "EXTRACTOR_MODEL_REPOSITORY; default <cache>/model-repository)")
 
 
 def spec_from_args(args: argparse.Namespace):
-    from extractor.backbones import get_backbone_spec
+    from extractor.models import get_backbone_spec
 
     return get_backbone_spec(args.backbone, input_size=args.input_size, recipe=args.recipe, pooling=args.pooling,
-                             weights=args.weights, weights_sha256=args.weights_sha256, data_dir=args.data_dir)
+                             repository=args.model_repository, data_dir=args.data_dir)
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -75,9 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", help="shared datasets and weights (env EXTRACTOR_DATA_DIR; default ../shared/data)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    listing = commands.add_parser("backbones", help="list the registered backbones")
-    listing.add_argument("--json", action="store_true", help="print a JSON list")
-    listing.set_defaults(run=cmd_backbones)
+    add_model_commands(commands)
 
     pretrain = commands.add_parser("pretrain", help="pretrain a source-dataset backbone (mnist_cnn)")
     pretrain.add_argument("name", choices=["mnist_cnn"])
@@ -126,21 +133,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_store_import(store_commands)
     add_service_commands(commands)
     return parser
-
-
-def cmd_backbones(args) -> int:
-    from extractor.backbones import backbone_names, get_backbone_spec
-
-    entries = [get_backbone_spec(name, data_dir=args.data_dir).describe() for name in backbone_names()]
-    if args.json:
-        print(json.dumps(entries, indent=2))
-        return 0
-    print(f"{'name':<14}{'input':>6}  {'dim':>6}  {'recipes':<16}{'pooling':<10}fingerprint")
-    for e in entries:
-        fingerprint = e["fingerprint"][:16] if e["fingerprint"] else "(run: extractor pretrain mnist_cnn)"
-        print(f"{e['name']:<14}{e['input_size']:>6}  {e['output_dim']:>6}  {','.join(e['recipes']):<16}"
-              f"{e['pooling']:<10}{fingerprint}")
-    return 0
 
 
 def cmd_pretrain(args) -> int:
@@ -267,7 +259,8 @@ def add_service_commands(commands) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=50051, help="0 picks a free port (default 50051)")
     serve.add_argument("--store", help="store file (env EXTRACTOR_STORE; default in the user cache)")
-    serve.add_argument("--backbones", default="vgg16", help="comma-separated registry names (default vgg16)")
+    serve.add_argument("--backbones", default="vgg16", help="comma-separated model repository entries (default vgg16)")
+    add_repository_option(serve)
     serve.add_argument("--heads", metavar="DIR", help="folder of saved heads (.keras, .joblib) to serve")
     serve.add_argument("--max-batch", type=int, default=128, help="images per backbone call (default 128)")
     serve.add_argument("--max-wait-ms", type=float, default=5.0,
@@ -294,12 +287,13 @@ def add_service_commands(commands) -> None:
 
 def cmd_serve(args) -> int:
     from extractor import paths
-    from extractor.backbones import get_backbone_spec
+    from extractor.models import get_backbone_spec
     from extractor.server import serve
     from extractor.service import FeatureService, Limits
     from extractor.store import EmbeddingStore
 
-    specs = [get_backbone_spec(name.strip(), data_dir=args.data_dir) for name in args.backbones.split(",")]
+    specs = [get_backbone_spec(name.strip(), repository=args.model_repository, data_dir=args.data_dir)
+             for name in args.backbones.split(",")]
     given = {"max_images_per_request": args.max_images, "max_decoded_pixels": args.max_pixels,
              "max_message_bytes": args.max_message_mb and int(args.max_message_mb * 2**20)}
     limits = Limits(**{name: value for name, value in given.items() if value is not None})
@@ -344,8 +338,6 @@ def remote_backbone(args):
     """`embed --remote`: the local spec (its fingerprint checked against the server's) and the served backbone."""
     from extractor.client import RemoteBackbone, served_spec
 
-    if args.weights or args.weights_sha256:
-        raise InvalidInputError("--weights and --weights-sha256 choose local weights; with --remote the server's are used")
     client = feature_client(args)
     spec = served_spec(client, args.backbone, input_size=args.input_size, recipe=args.recipe, pooling=args.pooling)
     return spec, RemoteBackbone(client, args.backbone)

@@ -301,14 +301,13 @@ def served_spec(client: FeatureClient, name: str, *, input_size: int | None = No
                 pooling: str | None = None):
     """The local `BackboneSpec` for the server's backbone `name` with these options, checked to have
     the server's fingerprint: content keys made here and there are then the same."""
-    from extractor.backbones import get_backbone_spec
+    from extractor.models import get_backbone_spec
 
     served = client.backbone(name)
-    spec = get_backbone_spec(name, input_size=input_size, recipe=recipe, pooling=pooling,
-                             weights_sha256=served.weights_sha256)
+    spec = get_backbone_spec(name, input_size=input_size, recipe=recipe, pooling=pooling)
     if spec.fingerprint != served.fingerprint:
         raise InvalidInputError(
             f"the server runs {name} with input size {served.input_size}, recipe {served.recipe}, pooling "
-            f"{served.pooling}; these options ask for input size {spec.input_size}, recipe {spec.recipe.name}, "
+            f"{served.pooling}; these options ask for input size {spec.input_size}, recipe {spec.preprocessing.name}, "
             f"pooling {spec.pooling}")
     return spec

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from extractor.backbones import BackboneSpec, FrozenBackbone, load_backbone
+from extractor.models import BackboneSpec, FrozenBackbone, load_backbone
 from extractor.images import pixel_digest
 from extractor.store import EmbeddingStore
 
@@ -80,10 +80,12 @@ class Embedder:
             if key not in stored and key not in first_missing:
                 first_missing[key] = i
         new_keys = list(first_missing)
-        new_vectors = self.backbone.embed([pixels(i) for i in first_missing.values()]) if new_keys \
-            else np.empty((0, self.spec.output_dim), dtype=np.float32)
+        if new_keys:
+            new_vectors = self.backbone.embed([pixels(i) for i in first_missing.values()])
+        else:  # the width from what is stored: a fully cached batch never builds the backbone
+            new_vectors = np.empty((0, next(iter(stored.values())).shape[0] if stored else 0), dtype=np.float32)
         computed = dict(zip(new_keys, new_vectors))
-        vectors = np.empty((len(keys), self.spec.output_dim), dtype=np.float32)
+        vectors = np.empty((len(keys), new_vectors.shape[1]), dtype=np.float32)
         cached = np.zeros(len(keys), dtype=bool)
         for i, key in enumerate(keys):
             if key in stored:

@@ -3,6 +3,7 @@
 EXTRACTOR_DATA_DIR   the shared datasets and weights (default: ../shared/data beside the project)
 EXTRACTOR_CACHE_DIR  extracted archives, pretrained models (default: $XDG_CACHE_HOME/extractor)
 EXTRACTOR_STORE      the embedding store file (default: <cache dir>/store.sqlite)
+EXTRACTOR_MODEL_REPOSITORY  the user's model repository (default: <cache dir>/model-repository)
 """
 
 from __future__ import annotations
@@ -51,6 +52,15 @@ def store_path(override: str | os.PathLike | None = None) -> Path:
     return cache_dir() / "store.sqlite"
 
 
+def model_repository(override: str | os.PathLike | None = None) -> Path:
+    """The user's model repository folder (searched before the one shipped with the project)."""
+    if override:
+        return Path(override).expanduser()
+    if os.environ.get("EXTRACTOR_MODEL_REPOSITORY"):
+        return Path(os.environ["EXTRACTOR_MODEL_REPOSITORY"]).expanduser()
+    return cache_dir() / "model-repository"
+
+
 def shards_dir(override: str | os.PathLike | None, feature_set: str) -> Path:
     """The folder for a Ray job's Parquet shards and manifest (default: per feature set in the cache)."""
     if override:
@@ -77,6 +87,20 @@ def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def tree_sha256(folder: str | os.PathLike) -> str:
+    """Hex sha256 of a folder (a SavedModel): over each file's relative path and sha256, sorted."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{file_sha256(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def content_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a model file, or of a model folder's files (`tree_sha256`)."""
+    return tree_sha256(path) if Path(path).is_dir() else file_sha256(path)
+
+
 def published_sha256(filename: str, directory: Path) -> str | None:
     """The sha256 listed for `filename` in `directory`/SHA256SUMS, or None if it is not listed."""
     sums = directory / "SHA256SUMS"
@@ -93,18 +117,18 @@ _verified: dict[tuple[str, float, int], str] = {}
 
 
 def verified_file(path: str | os.PathLike, expected_sha256: str | None) -> Path:
-    """Return `path` after checking it exists and its sha256 equals `expected_sha256`.
+    """Return `path` after checking it exists and its sha256 (`content_sha256`) equals `expected_sha256`.
 
     A file is hashed once per process (keyed by path, mtime and size), so repeated loads stay cheap.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise InvalidInputError(f"file not found: {path}")
     if not expected_sha256:
         raise ChecksumError(f"no sha256 known for {path}: list it in SHA256SUMS or pass one")
     stat = path.stat()
     cache_key = (str(path.resolve()), stat.st_mtime, stat.st_size)
-    actual = _verified.get(cache_key) or file_sha256(path)
+    actual = _verified.get(cache_key) or content_sha256(path)
     if actual != expected_sha256.lower():
         raise ChecksumError(
             f"sha256 mismatch for {path}: expected {expected_sha256.lower()}, got {actual}; "

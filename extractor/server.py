@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from extractor.errors import (AuthenticationError, InvalidInputError, LimitExceededError, NotReadyError,
                               UnknownNameError)
+from extractor.models import PRESETS
 from extractor.service import Call, FeatureService, RawPixels, StreamRequest
 from protos import feature_service_pb2 as pb
 from protos import feature_service_pb2_grpc as pb_grpc
@@ -105,8 +106,8 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         limits = self.service.limits
         return pb.Backbone(
             name=spec.name, summary=spec.summary, input_size=spec.input_size, channels=spec.channels,
-            recipe=spec.recipe.name, recipes=[r.name for r in spec.recipes], pooling=spec.pooling,
-            output_dim=spec.output_dim, fingerprint=spec.fingerprint, weights_sha256=spec.weights_sha256,
+            recipe=spec.preprocessing.name, recipes=sorted(PRESETS), pooling=spec.pooling,
+            output_dim=spec.output_dim, fingerprint=spec.fingerprint, weights_sha256=spec.sha256 or "",
             limits=pb.Limits(max_images_per_request=limits.max_images_per_request,
                              max_message_bytes=limits.max_message_bytes,
                              max_decoded_pixels=limits.max_decoded_pixels))

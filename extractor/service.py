@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from extractor.backbones import BackboneSpec, FrozenBackbone, load_backbone
+from extractor.models import BackboneSpec, FrozenBackbone, load_backbone
 from extractor.embedder import Embedder
 from extractor.errors import ExtractorError, InvalidInputError, LimitExceededError, NotReadyError, UnknownNameError
 from extractor.images import canonical_pixels, decode_image

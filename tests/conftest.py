@@ -11,7 +11,7 @@ from sklearn.linear_model import LogisticRegression
 
 from classifiers.persistence import save_head
 from extractor import paths
-from extractor.backbones import get_backbone_spec, load_backbone
+from extractor.models import get_backbone_spec, load_backbone
 from extractor.server import FeatureServer
 from extractor.service import FeatureService, Limits
 from extractor.store import EmbeddingStore

@@ -1,6 +1,7 @@
 """Batch embedding jobs: get-or-compute, resumable after kill -9, concurrent writers, no stale vectors."""
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -14,9 +15,9 @@ import pytest
 from PIL import Image
 
 from conftest import make_npz, reliability_sizes
-from extractor.backbones import get_backbone_spec, load_backbone
 from extractor.datasets import open_dataset
 from extractor.embedder import Embedder, content_key
+from extractor.models import get_backbone_spec, load_backbone
 from extractor.jobs import run_embed_job
 from extractor.store import EmbeddingStore
 
@@ -90,7 +91,7 @@ def test_corrupt_and_truncated_images_are_skipped_and_listed(tmp_path, vgg):
 def test_changed_weights_recipe_size_or_cut_never_reuse_vectors(vgg):
     image = np.zeros((32, 32, 3), np.uint8)
     variants = [vgg, get_backbone_spec("vgg16", recipe="caffe"), get_backbone_spec("vgg16", input_size=64),
-                get_backbone_spec("vgg16", pooling="avg"), get_backbone_spec("vgg16", weights_sha256="1" * 64)]
+                get_backbone_spec("vgg16", pooling="avg"), dataclasses.replace(get_backbone_spec("vgg16"), sha256="1" * 64)]
     assert len({content_key(spec.fingerprint, image) for spec in variants}) == len(variants)
     assert content_key(vgg.fingerprint, image) != content_key(vgg.fingerprint, np.zeros((32, 32, 1), np.uint8))
 

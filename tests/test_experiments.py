@@ -138,10 +138,3 @@ def test_run_command_rejects_unknown_experiments(tmp_path):
     out = subprocess.run([sys.executable, "-m", "classifiers", "--store", str(tmp_path / "s.sqlite"), "run",
                           "--experiments", "cifar_vgg,nope"], capture_output=True, text=True)
     assert out.returncode == 2 and "unknown experiment 'nope'" in out.stderr and "Traceback" not in out.stderr
-
-
-def test_backbones_used_include_concatenated_rows():
-    from classifiers.experiments import EXPERIMENTS, backbones_used
-
-    assert backbones_used(EXPERIMENTS["cifar_vgg"]) == {"vgg16", "mobilenet_v1", "squeezenet"}
-    assert "mnist_cnn" in backbones_used(EXPERIMENTS["tl_mnist"])

@@ -1,9 +1,11 @@
-"""Preprocessing recipes transform pixels exactly as specified."""
+"""Preprocessing presets transform pixels exactly as specified."""
 
 import numpy as np
 
 from extractor.images import canonical_pixels, decode_image
-from extractor.recipes import CAFFE, LECTURE, apply_recipe, fit_pixels
+from extractor.models.preprocessing import PRESETS, fit_pixels
+
+LECTURE, CAFFE = PRESETS["lecture"], PRESETS["caffe"]
 
 
 def digits(n=3, seed=0):
@@ -15,13 +17,13 @@ def test_lecture_recipe_is_mnist_vgg_preprocessing():
     # mnist_vgg.py: repeat the channel 3 times, zero-pad to 32x32 at [2:30], divide by 255
     expected = np.zeros((3, 32, 32, 3), dtype=np.float32)
     expected[:, 2:30, 2:30, :] = np.repeat(np.stack(images).astype("float32") / 255, 3, axis=3)
-    actual = apply_recipe(LECTURE, images, 32, 3)
+    actual = LECTURE.apply(images, 32, 3)
     assert actual.dtype == np.float32 and np.array_equal(actual, expected)
 
 
 def test_lecture_recipe_on_cifar_is_plain_division():
     image = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    assert np.array_equal(apply_recipe(LECTURE, [image], 32, 3)[0], image.astype(np.float32) / 255)
+    assert np.array_equal(LECTURE.apply([image], 32, 3)[0], image.astype(np.float32) / 255)
 
 
 def test_caffe_recipe_equals_keras_preprocess_input():
@@ -29,11 +31,11 @@ def test_caffe_recipe_equals_keras_preprocess_input():
 
     image = np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     expected = preprocess_input(image[None].astype("float32"))
-    np.testing.assert_allclose(apply_recipe(CAFFE, [image], 32, 3), expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(CAFFE.apply([image], 32, 3), expected, rtol=0, atol=1e-5)
 
 
 def test_caffe_recipe_resizes_and_repeats_grayscale():
-    out = apply_recipe(CAFFE, digits(2), 64, 3)
+    out = CAFFE.apply(digits(2), 64, 3)
     assert out.shape == (2, 64, 64, 3)
     assert np.array_equal(out[..., 0] + 103.939, out[..., 2] + 123.68)  # one gray value in every channel
 

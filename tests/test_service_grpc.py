@@ -13,7 +13,7 @@ from sklearn.linear_model import LogisticRegression
 
 from classifiers.persistence import load_head, save_head
 from conftest import CLASSES, fitted_head, png, random_images, start_server
-from extractor.backbones import load_backbone
+from extractor.models import load_backbone
 from extractor.cli import main
 from extractor.client import FeatureClient, RemoteError
 from extractor.datasets import open_dataset

@@ -12,7 +12,7 @@ from PIL import Image
 
 from extractor import paths
 from extractor.errors import InvalidInputError
-from extractor.squeezenet import build_squeezenet, load_squeezenet_weights
+from extractor.models.squeezenet import build_squeezenet, load_squeezenet_weights
 
 WEIGHTS = "squeezenet_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
@@ -30,7 +30,7 @@ def _dataset_paths(h5_path) -> list[str]:
 
 
 def test_every_tensor_of_the_file_is_loaded_into_its_layer(weights_path):
-    model = build_squeezenet((64, 64, 3), None, "avg")
+    model = build_squeezenet((64, 64, 3), None)
     loaded = load_squeezenet_weights(model, weights_path)
     assert loaded == len(_dataset_paths(weights_path)) == 50
     # Within a layer tensors go by order: 'uniform1' is conv1's kernel, 'conv1_b' its bias.
@@ -42,25 +42,23 @@ def test_every_tensor_of_the_file_is_loaded_into_its_layer(weights_path):
                                       f["fire9/expand3x3/uniform25"][()])
 
 
-@pytest.mark.parametrize("side, pooling, width", [
-    (224, "avg", 512), (224, "flatten", 13 * 13 * 512),
-    (64, "avg", 512), (64, "flatten", 3 * 3 * 512),
-    (31, "flatten", 512),  # the smallest input: fire9 sees a 1x1 map
+@pytest.mark.parametrize("side, map_side", [
+    (224, 13), (64, 3),
+    (31, 1),  # the smallest input: fire9 sees a 1x1 map
 ])
-def test_output_width_follows_input_size_and_pooling(side, pooling, width):
-    model = build_squeezenet((side, side, 3), None, pooling)
-    assert model.output_shape == (None, width)
-    assert model(np.zeros((2, side, side, 3), np.float32)).shape == (2, width)
+def test_fire9_map_follows_input_size(side, map_side):
+    model = build_squeezenet((side, side, 3), None)
+    assert model.output_shape == (None, map_side, map_side, 512)
+    assert model(np.zeros((2, side, side, 3), np.float32)).shape == (2, map_side, map_side, 512)
 
 
-@pytest.mark.parametrize("input_shape, pooling, message", [
-    ((30, 64, 3), "avg", "at least 31; got (30, 64, 3)"),
-    ((224, 224), "avg", "got (224, 224)"),
-    ((224, 224, 3), "max", "unknown pooling 'max'"),
+@pytest.mark.parametrize("input_shape, message", [
+    ((30, 64, 3), "at least 31; got (30, 64, 3)"),
+    ((224, 224), "got (224, 224)"),
 ])
-def test_bad_arguments_are_refused_clearly(input_shape, pooling, message):
+def test_bad_arguments_are_refused_clearly(input_shape, message):
     with pytest.raises(InvalidInputError, match=re.escape(message)):
-        build_squeezenet(input_shape, None, pooling)
+        build_squeezenet(input_shape, None)
 
 
 def _drop_tensor(f):
@@ -100,7 +98,7 @@ def test_a_file_that_does_not_match_the_model_is_refused_whole(weights_path, tmp
     altered.chmod(0o644)  # the shared original is read-only
     with h5py.File(altered, "r+") as f:
         alter(f)
-    model = build_squeezenet((64, 64, 3), None, "avg")
+    model = build_squeezenet((64, 64, 3), None)
     before = [w.copy() for w in model.get_weights()]
     with pytest.raises(InvalidInputError, match=re.escape(message)):
         load_squeezenet_weights(model, altered)
@@ -112,7 +110,7 @@ def test_a_file_that_is_not_hdf5_is_refused(tmp_path):
     not_h5 = tmp_path / "weights.h5"
     not_h5.write_bytes(b"not an hdf5 file")
     with pytest.raises(InvalidInputError, match="cannot read .* as an HDF5 weights file"):
-        build_squeezenet((64, 64, 3), not_h5, "avg")
+        build_squeezenet((64, 64, 3), not_h5)
 
 
 def _cifar_images(data_dir, count: int) -> np.ndarray:
@@ -133,7 +131,7 @@ def test_real_images_give_distinct_informative_features(weights_path, data_dir):
     small = _cifar_images(data_dir, 2)
     pixels = np.stack([np.asarray(Image.fromarray(im).resize((224, 224), Image.BILINEAR)) for im in small])
     batch = preprocess_input(pixels[[0, 1, 0]].astype(np.float32))
-    features = np.asarray(build_squeezenet((224, 224, 3), weights_path, "avg")(batch))
+    features = np.asarray(build_squeezenet((224, 224, 3), weights_path)(batch)).mean(axis=(1, 2))
 
     assert features.shape == (3, 512) and features.dtype == np.float32
     assert np.isfinite(features).all() and (features >= 0).all()  # averages of ReLU outputs

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from extractor.backbones import BackboneSpec, load_backbone
+from extractor.models import BackboneSpec, load_backbone
 from extractor.embedder import content_key
 from extractor.ray_engine.reader import unpack_images
 
@@ -29,9 +29,9 @@ class ShardEmbedder:
         return shards.drop_columns(["pixels", "shapes"]).append_column(
             "keys", pa.array(keys, pa.large_binary())).append_column(
             "vectors", pa.array(vectors, pa.large_binary())).append_column(
-            "dim", pa.array([self.spec.output_dim] * len(keys), pa.int64()))
+            "dim", pa.array([self.backbone.output_dim] * len(keys), pa.int64()))
 
     def embed(self, images: list[np.ndarray]) -> np.ndarray:
         """(n, d) float32, `batch_size` images at a time: a whole shard preprocessed at once may not fit."""
         chunks = [self.backbone.embed(images[i:i + self.batch_size]) for i in range(0, len(images), self.batch_size)]
-        return np.concatenate(chunks) if chunks else np.empty((0, self.spec.output_dim), np.float32)
+        return np.concatenate(chunks) if chunks else np.empty((0, self.backbone.output_dim), np.float32)

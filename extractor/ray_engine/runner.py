@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from extractor import paths
-from extractor.backbones import BackboneSpec
+from extractor.models import BackboneSpec
 from extractor.datasets import Dataset
 from extractor.errors import InvalidInputError, MissingDependencyError
 from extractor.jobs import EmbedSummary

