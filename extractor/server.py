@@ -107,7 +107,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         return pb.Backbone(
             name=spec.name, summary=spec.summary, input_size=spec.input_size, channels=spec.channels,
             recipe=spec.preprocessing.name, recipes=sorted(PRESETS), pooling=spec.pooling,
-            output_dim=spec.output_dim, fingerprint=spec.fingerprint, weights_sha256=spec.sha256 or "",
+            output_dim=self.service.output_dim(spec.name), fingerprint=spec.fingerprint, weights_sha256=spec.sha256 or "",
             limits=pb.Limits(max_images_per_request=limits.max_images_per_request,
                              max_message_bytes=limits.max_message_bytes,
                              max_decoded_pixels=limits.max_decoded_pixels))

@@ -301,6 +301,7 @@ class ServedBackbone:
     spec: BackboneSpec
     embedder: Embedder
     batcher: MicroBatcher
+    dim: int              # the built model's vector width
 
 
 class PendingEmbed:
@@ -317,7 +318,7 @@ class PendingEmbed:
 
     def result(self) -> EmbedOutcome:
         """Wait (up to the call's deadline) for the computed vectors and put every row in place."""
-        n, dim = self.count, self.served.spec.output_dim
+        n, dim = self.count, self.served.dim
         vectors = np.full((n, dim), np.nan, dtype=np.float32)
         cached = np.zeros(n, dtype=bool)
         ok = np.zeros(n, dtype=bool)
@@ -395,11 +396,12 @@ class FeatureService:
             backbone = self.backbone_loader(spec)
             started = time.perf_counter()
             backbone.embed([np.zeros(spec.input_shape, dtype=np.uint8)])
-            log.info("backbone %s ready (%d-d, fingerprint %s, warm-up %.2f s)", spec.name, spec.output_dim,
+            log.info("backbone %s ready (%d-d, fingerprint %s, warm-up %.2f s)", spec.name, backbone.output_dim,
                      spec.fingerprint[:12], time.perf_counter() - started)
             embedder = Embedder(spec, self.store, backbone)
             self.served[spec.name] = ServedBackbone(spec, embedder, MicroBatcher(embedder, self.max_batch,
-                                                                                 self.max_wait))
+                                                                                 self.max_wait),
+                                                    backbone.output_dim)
         self._ready.set()
 
     def close(self) -> None:
@@ -422,6 +424,9 @@ class FeatureService:
     def backbones(self) -> list[BackboneSpec]:
         self._require_ready()
         return [served.spec for served in self.served.values()]
+
+    def output_dim(self, name: str) -> int:
+        return self._served(name).dim
 
     def _served(self, name: str) -> ServedBackbone:
         if name not in self.served:
@@ -457,7 +462,7 @@ class FeatureService:
         if count > self.limits.max_images_per_request:
             raise LimitExceededError("images per request", count, self.limits.max_images_per_request)
         if returns_vectors:
-            self._check_response_size(count, served.spec.output_dim)
+            self._check_response_size(count, served.dim)
         images = [*images, *stacked]
         pending = PendingEmbed(served, len(images), offset, call)
         pixels = []
@@ -504,13 +509,13 @@ class FeatureService:
         """Stored vectors by content key (KEY_BYTES each, concatenated): (n, d) float32 with NaN rows for
         keys not found, and found (n,) bool. Never computes."""
         self._require_ready()
-        spec = self._served(backbone).spec
+        served = self._served(backbone)
         if len(keys) % KEY_BYTES:
             raise InvalidInputError(f"keys must be {KEY_BYTES} bytes each; got {len(keys)} bytes")
         n = len(keys) // KEY_BYTES
         if n > self.limits.max_images_per_request:
             raise LimitExceededError("keys per request", n, self.limits.max_images_per_request)
-        dim = spec.output_dim
+        dim = served.dim
         self._check_response_size(n, dim)
         key_list = [keys[i:i + KEY_BYTES] for i in range(0, len(keys), KEY_BYTES)]
         stored = self._stored(key_list)

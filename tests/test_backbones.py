@@ -56,10 +56,10 @@ def test_fingerprint_changes_with_everything_that_changes_vectors():
 
 
 def test_output_widths():
-    assert get_backbone_spec("vgg16").output_dim == 512
-    assert get_backbone_spec("vgg16", input_size=64).output_dim == 2048
-    assert get_backbone_spec("vgg16", input_size=224, pooling="avg").output_dim == 512
-    assert get_backbone_spec("mobilenet_v1").output_dim == 1024
+    assert get_backbone_spec("vgg16").output_dim == 512 and get_backbone_spec("mobilenet_v1").output_dim == 1024
+    other = get_backbone_spec("vgg16", input_size=64)
+    assert other.output_dim is None and load_backbone(other).output_dim == 2048  # measured by building
+    assert load_backbone(get_backbone_spec("vgg16", input_size=224, pooling="avg")).output_dim == 512
 
 
 def test_sha256_mismatch_is_refused():

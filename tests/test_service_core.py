@@ -22,6 +22,7 @@ class FakeBackbone:
 
     def __init__(self, dim: int, poison: int | None = None):
         self.dim, self.poison = dim, poison
+        self.output_dim = dim
         self.calls: list[int] = []
         self.seen: list[int] = []  # first pixel of every image computed
         self.gate = threading.Event()

@@ -62,13 +62,10 @@ class BackboneSpec:
             self.config.input_size, self.config.preprocessing, self.config.pooling)
 
     @property
-    def output_dim(self) -> int:
-        """The vector width: the entry's recorded one, or measured by building the model."""
-        if self.at_defaults and self.config.output_dim:
-            return self.config.output_dim
-        from extractor.models.backbone import load_backbone
-
-        return load_backbone(self).output_dim
+    def output_dim(self) -> int | None:
+        """The vector width recorded in the entry, at its own options; other options: None until built
+        (`load_backbone(spec).output_dim`)."""
+        return self.config.output_dim if self.at_defaults else None
 
     def fingerprint_fields(self) -> dict:
         if not self.sha256 and self.path != "imagenet":
@@ -127,6 +124,6 @@ class BackboneSpec:
             "file": self.path, "sha256": self.sha256, "architecture": self.config.architecture, "cut": self.cut,
             "input_size": self.input_size, "channels": self.channels, "resizable": self.config.resizable,
             "preprocessing": self.preprocessing.name, "recipes": sorted(PRESETS), "pooling": self.pooling,
-            "output_dim": self.config.output_dim if self.at_defaults else None, "fingerprint": fingerprint,
+            "output_dim": self.output_dim, "fingerprint": fingerprint,
             "folder": self.config.folder, "measured": self.config.measured,
         }
