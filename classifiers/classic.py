@@ -14,6 +14,8 @@ import numpy as np
 from classifiers.heads import head_spec
 from extractor.errors import InvalidInputError
 
+WARMUP_STEPS = 5  # the first steps trace and allocate: left out of the steady-state step time
+
 
 def cifar_cnn(activation: str, num_classes: int = 10, input_shape=(32, 32, 3)):
     """cifar_vgg.py's no-transfer CNN: two conv pairs with pooling, Flatten, Dropout 0.5, Dense softmax."""
@@ -72,8 +74,27 @@ class ClassicRun:
     accuracy: float           # test accuracy after the last epoch (NaN for a timing-only run)
     seconds: float            # training (fit) wall time, per-epoch validation included
     epochs: int
-    seconds_per_epoch: float
+    seconds_per_epoch: float  # timing-only: steady-state steps x median step time, + validation
     history: dict
+    warmup_seconds: float = 0.0             # timing-only: what the first steps cost beyond steady state
+    seconds_per_epoch_range: tuple = ()     # timing-only: from the 10th and 90th percentile step times
+
+
+def _step_timer():
+    """A Keras callback recording the wall time of every training step."""
+    import keras
+
+    class StepTimer(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.steps = []
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self._started = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.steps.append(time.perf_counter() - self._started)
+
+    return StepTimer()
 
 
 def fit_classic(model, x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, *, epochs: int,
@@ -82,23 +103,35 @@ def fit_classic(model, x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test:
     """compile(adam, sparse CE) + fit as the lecture does (validating on the test set after every epoch
     if `validate`); test accuracy after the last epoch.
 
-    `timing_only` measures the cost without paying it all: fit without validation, then one validation
-    pass over `validation_sample` test images, scaled to the test set's size, added per epoch.
+    `timing_only` measures the cost without paying it all, from steady-state steps: every training step
+    is timed, the median step of the steps after the first epoch's warm-up (tracing, first allocations)
+    times the steps per epoch is an epoch; validation is timed on `validation_sample` test images after
+    one untimed warm-up batch and scaled to the test set. The warm-up is reported apart.
     """
     import keras
 
     keras.utils.set_random_seed(seed)
     model.compile(loss=keras.losses.SparseCategoricalCrossentropy(), optimizer="adam", metrics=["accuracy"])
+    timer = _step_timer()
     start = time.perf_counter()
-    history = model.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=0,
+    history = model.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=0, callbacks=[timer],
                         validation_data=(x_test, y_test) if validate and not timing_only else None)
     seconds = time.perf_counter() - start
     history = {k: [float(v) for v in vals] for k, vals in history.history.items()}
     if timing_only:
-        start = time.perf_counter()
-        model.evaluate(x_test[:validation_sample], y_test[:validation_sample], batch_size=batch_size, verbose=0)
-        per_epoch = seconds / epochs + validate * (time.perf_counter() - start) * len(x_test) / min(
-            validation_sample, len(x_test))
-        return ClassicRun(float("nan"), per_epoch * epochs, epochs, per_epoch, history)
+        steps_per_epoch = -(-len(x) // batch_size)
+        steady = np.asarray(timer.steps[min(WARMUP_STEPS, len(timer.steps) - 1):])
+        validation = 0.0
+        if validate:
+            sample = min(validation_sample, len(x_test))
+            model.evaluate(x_test[:batch_size], y_test[:batch_size], batch_size=batch_size, verbose=0)
+            started = time.perf_counter()
+            model.evaluate(x_test[:sample], y_test[:sample], batch_size=batch_size, verbose=0)
+            validation = (time.perf_counter() - started) * len(x_test) / sample
+        per_epoch, low, high = (steps_per_epoch * float(q) + validation
+                                for q in np.percentile(steady, [50, 10, 90]))
+        warmup = max(seconds - float(steady.sum()) - float(np.median(steady)) * (len(timer.steps) - len(steady)), 0.0)
+        return ClassicRun(float("nan"), per_epoch * epochs, epochs, per_epoch, history, round(warmup, 3),
+                          (low, high))
     _, accuracy = model.evaluate(x_test, y_test, batch_size=256, verbose=0)
     return ClassicRun(float(accuracy), seconds, epochs, seconds / epochs, history)

@@ -22,7 +22,8 @@ EPILOG = """examples:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m classifiers", description="Heads trained on cached features.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show the log on the terminal (it is always in RUNS/<timestamp>/run.log)")
     parser.add_argument("--store", help="embedding store (env EXTRACTOR_STORE; default in the user cache)")
     parser.add_argument("--runs-dir", default="runs", help="where reports go: RUNS/<timestamp>/ (default runs)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -68,9 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args) -> int:
+    from extractor.models.quiet import import_tensorflow_quietly
+
+    import_tensorflow_quietly()  # before anything imports it: no start-up banners
     from classifiers.experiments import EXPERIMENTS, ExperimentRunner, RunSettings
     from classifiers.report import format_table, new_run_dir, write_report
     from extractor import paths
+    from extractor.console import log_to_file
     from extractor.errors import UnknownNameError
     from extractor.pretrain import pretrain_mnist_cnn
     from extractor.store import EmbeddingStore
@@ -80,37 +85,52 @@ def cmd_run(args) -> int:
         if name not in EXPERIMENTS:
             raise UnknownNameError("experiment", name, EXPERIMENTS)
     started = time.perf_counter()
+    run_dir = new_run_dir(Path(args.runs_dir))
+    log_file = log_to_file(run_dir / "run.log")
+    progress = sys.stderr.isatty()
+    phases: dict[str, float] = {}
     if any(EXPERIMENTS[name].pretrains_source_cnn for name in names):
         pretrain_started = time.perf_counter()
-        path, meta = pretrain_mnist_cnn(data_dir=args.data_dir)
-        log.info("pretrained mnist_cnn ready (%s, %.1f s)", path, time.perf_counter() - pretrain_started)
+        path, meta = pretrain_mnist_cnn(data_dir=args.data_dir, progress=progress)
+        phases["pretraining"] = round(time.perf_counter() - pretrain_started, 1)
+        log.info("pretrained mnist_cnn ready (%s, %.1f s)", path, phases["pretraining"])
     settings = RunSettings(full=args.full, trials=args.trials, scratch_trials=args.scratch_trials,
                            classic_epochs=args.classic_epochs, beyond=not args.no_beyond)
     results = []
     with EmbeddingStore(paths.store_path(args.store)) as store:
-        runner = ExperimentRunner(store, settings, args.data_dir, progress=sys.stderr.isatty())
+        runner = ExperimentRunner(store, settings, args.data_dir, progress=progress)
         for name in names:
+            experiment_started = time.perf_counter()
             result = runner.run(EXPERIMENTS[name])
+            phases[name] = round(time.perf_counter() - experiment_started, 1)
             results.append(result)
             print(format_table(result) + "\n", flush=True)
     timings = {r.name: r.details["timing"] for r in results if r.details.get("timing")}
-    for name, timing in timings.items():
-        print(f"{name}: full transfer table classic {timing['classic_full_table_seconds']:.0f} s (extrapolated) vs "
-              f"cached {timing['cached_full_table_seconds']:.1f} s (this run: embedding "
-              f"{timing['cached_embed_seconds']:.1f} s + training {timing['cached_train_seconds']:.1f} s): "
-              f"{timing['speedup']:.0f}x faster")
+    speedups = [f"{name}: full transfer table classic {t['classic_full_table_seconds']:.0f} s (steady-state steps, "
+                f"extrapolated) vs cached {t['cached_full_table_seconds']:.1f} s (this run: embedding "
+                f"{t['cached_embed_seconds']:.1f} s{' (vectors reused)' * (not t['embedded_now'])} + training "
+                f"{t['cached_train_seconds']:.1f} s): {t['speedup']:.0f}x faster "
+                f"({t['speedup_range'][0]:.0f}-{t['speedup_range'][1]:.0f}x)"
+                for name, t in timings.items()]
+    print("\n".join(speedups))
     total = time.perf_counter() - started
-    run_dir = new_run_dir(Path(args.runs_dir))
+    phase_line = ", ".join(f"{phase} {seconds:.0f} s" for phase, seconds in phases.items())
     header = (f"Mode: {'full lecture settings' if args.full else 'short default (see notes)'}; "
-              f"{args.trials} trials per cached row; total {total:.0f} s.")
-    write_report(run_dir, results, {"mode": "full" if args.full else "default", "total_seconds": round(total, 1)},
+              f"{args.trials} trials per cached row; total {total:.0f} s ({phase_line}).\n\n"
+              + "".join(f"- {line}\n" for line in speedups))
+    write_report(run_dir, results, {"mode": "full" if args.full else "default", "total_seconds": round(total, 1),
+                                    "phase_seconds": phases},
                  {name: {"classic": t["classic_full_table_seconds"], "cached": t["cached_full_table_seconds"]}
                   for name, t in timings.items()}, header)
-    print(f"\nreport: {run_dir}/report.md (and report.json, plots); total {total:.0f} s")
+    print(f"\nreport: {run_dir}/report.md (and report.json, plots); log: {log_file}\n"
+          f"total {total:.0f} s ({phase_line})")
     return 0
 
 
 def cmd_compare(args) -> int:
+    from extractor.models.quiet import import_tensorflow_quietly
+
+    import_tensorflow_quietly()  # before anything imports it: no start-up banners
     import numpy as np
 
     from classifiers.baselines import fit_trials
@@ -149,13 +169,16 @@ def cmd_compare(args) -> int:
                               f"{X.shape[1]}-d features", rows,
                               {"train_set": args.train_set, "test_set": args.test_set})
     print(format_table(result))
-    run_dir = new_run_dir(Path(args.runs_dir))
+    run_dir = new_run_dir(Path(args.runs_dir), latest="latest-compare")  # runs/latest stays the main job's
     write_report(run_dir, [result])
-    print(f"\nreport: {run_dir}/report.md")
+    print(f"\nreport: {run_dir}/report.md (runs/latest-compare points at it)")
     return 0
 
 
 def cmd_train(args) -> int:
+    from extractor.models.quiet import import_tensorflow_quietly
+
+    import_tensorflow_quietly()  # before anything imports it: no start-up banners
     from classifiers.baselines import make_head, single_threaded_blas
     from classifiers.heads import HEAD_SPECS
     from classifiers.persistence import save_head

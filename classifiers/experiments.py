@@ -245,11 +245,15 @@ class ExperimentRunner:
                          class_names, seconds, computed)
 
     def run(self, experiment: Experiment) -> ExperimentResult:
+        from tqdm import tqdm
+
         rows, embedding = [], {}
-        for method in experiment.methods:
-            if method.beyond and not self.settings.beyond:
-                continue
+        methods = [m for m in experiment.methods if self.settings.beyond or not m.beyond]
+        bar = tqdm(methods, desc=experiment.name, unit="row", disable=not self.progress, leave=False,
+                   dynamic_ncols=True)
+        for method in bar:
             log.info("%s: %s", experiment.name, method.name)
+            bar.set_postfix_str(method.name, refresh=True)
             runner = {"head": self._run_head, "sklearn": self._run_sklearn, "scratch": self._run_scratch,
                       "classic": self._run_classic}[method.kind]
             rows.append(runner(experiment, method))
@@ -361,17 +365,26 @@ class ExperimentRunner:
             return freeze_and_retrain_model(spec, method.model, num_classes)
 
         epochs = self.settings.epochs_for(method)
-        runs, reused = self._pixel_trials(experiment, method, epochs, build, {"backbone": spec.fingerprint})
+        runs, reused = self._pixel_trials(experiment, method, epochs, build,
+                                          {"backbone": spec.fingerprint, "timing": "steady-state steps"})
         per_trial = float(np.median([r.seconds_per_epoch for r in runs])) * method.epochs
         full_trials = epochs == method.epochs
+        ranges = [r.seconds_per_epoch_range for r in runs if r.seconds_per_epoch_range]
+        per_trial_range = [round(min(lo for lo, _ in ranges) * method.epochs, 2),
+                           round(max(hi for _, hi in ranges) * method.epochs, 2)] if ranges else None
+        warmup = float(np.median([r.warmup_seconds for r in runs]))
         note = _notes(_reuse_note(len(runs), reused), not full_trials and (
-            f"timing only: {len(runs)} trial(s) of {epochs} epoch(s){' (validation timed on a sample)' * method.validate}"
-            f", {per_trial:.0f} s per {method.epochs}-epoch trial extrapolated; FULL=1 runs {self.settings.trials} "
-            "full trials"))
+            f"timing only: {len(runs)} trial(s) of {epochs} epoch(s), steady-state steps timed"
+            f"{' (validation timed on a sample)' * method.validate}: {per_trial:.0f} s per {method.epochs}-epoch "
+            f"trial" + (f" ({per_trial_range[0]:.0f}-{per_trial_range[1]:.0f} s from the 10th-90th percentile "
+                        "step)" if per_trial_range else "") + f", warm-up {warmup:.1f} s apart; FULL=1 runs "
+            f"{self.settings.trials} full trials"))
         return MethodResult(method.name, [r.accuracy for r in runs] if full_trials else [],
                             sum(r.seconds for r in runs),
                             self._settings(method, seconds_per_full_trial=round(per_trial, 2),
-                                           measured_epochs=epochs), method.lecture, note=note)
+                                           seconds_per_full_trial_range=per_trial_range,
+                                           warmup_seconds=round(warmup, 2), measured_epochs=epochs),
+                            method.lecture, note=note)
 
     def _timing(self, experiment: Experiment, rows: list[MethodResult]) -> dict:
         """Classic vs cached seconds for the experiment's full transfer table (15 trials of every head row)."""
@@ -380,10 +393,14 @@ class ExperimentRunner:
         if not classic or not heads:
             return {}
         per_trial = classic[0].settings["seconds_per_full_trial"]
-        classic_total = per_trial * self.settings.trials * len(heads)
+        rows_trials = self.settings.trials * len(heads)
+        classic_total = per_trial * rows_trials
+        low, high = classic[0].settings.get("seconds_per_full_trial_range") or (per_trial, per_trial)
         embedding = self.trial_data(experiment, next(m for m in experiment.methods if m.kind == "head"))
         cached_total = embedding.embed_seconds + sum(r.seconds for r in heads)
         return {"classic_full_table_seconds": round(classic_total, 1),
+                "classic_full_table_seconds_range": [round(low * rows_trials, 1), round(high * rows_trials, 1)],
+                "speedup_range": [round(low * rows_trials / cached_total, 1), round(high * rows_trials / cached_total, 1)],
                 "cached_full_table_seconds": round(cached_total, 2),
                 "cached_embed_seconds": round(embedding.embed_seconds, 2),
                 "cached_train_seconds": round(sum(r.seconds for r in heads), 2),

@@ -206,15 +206,15 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def new_run_dir(root: Path) -> Path:
-    """runs/<timestamp>/, with runs/latest pointing at it."""
+def new_run_dir(root: Path, latest: str = "latest") -> Path:
+    """runs/<timestamp>/, with runs/<latest> pointing at it."""
     run = root / datetime.now().strftime("%Y%m%d-%H%M%S")
     suffix = 1
     while run.exists():
         run = root / f"{run.name.split('.')[0]}.{suffix}"
         suffix += 1
     run.mkdir(parents=True)
-    latest = root / "latest"
+    latest = root / latest
     if latest.is_symlink() or latest.exists():
         latest.unlink()
     latest.symlink_to(run.name)

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m extractor", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Run frozen pretrained backbones once over images and keep their embeddings.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show the log on the terminal (INFO and DEBUG)")
     parser.add_argument("--data-dir", help="shared datasets and weights (env EXTRACTOR_DATA_DIR; default ../shared/data)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -139,7 +139,7 @@ def cmd_pretrain(args) -> int:
     from extractor.pretrain import pretrain_mnist_cnn
 
     path, meta = pretrain_mnist_cnn(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                                    force=args.force, data_dir=args.data_dir, verbose=2 if args.verbose else 0)
+                                    force=args.force, data_dir=args.data_dir, progress=sys.stderr.isatty())
     print(f"{path}\nsha256 {meta['sha256']}\ntest accuracy (digits 0,2,4,6,8): "
           f"{meta['test_accuracy_even_digits']:.4f}")
     return 0
@@ -275,7 +275,7 @@ def add_service_commands(commands) -> None:
     serve.add_argument("--tls-key", help="PEM private key")
     serve.add_argument("--token-file", help="require 'authorization: Bearer <token>' with the token in this file")
     serve.add_argument("--grace", type=float, default=30.0, help="seconds in-flight calls get at shutdown")
-    serve.set_defaults(run=cmd_serve)
+    serve.set_defaults(run=cmd_serve, console_level=logging.INFO)  # a server's log is its output
 
     classify = commands.add_parser("classify", help="classify image files with a saved head on a server")
     add_remote_options(classify, required=True, help="the feature service holding the head")
@@ -367,9 +367,10 @@ def cmd_classify(args) -> int:
 
 def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, expected=(ExtractorError,)) -> int:
     """Parse, set up logging, run the chosen command; an expected error is one log line and exit code 2."""
+    from extractor.console import configure_logging
+
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    configure_logging(args.verbose, getattr(args, "console_level", logging.WARNING))
     try:
         return args.run(args)
     except expected as exc:

@@ -123,4 +123,5 @@ def _progress_bar(total: int, description: str, enabled: bool):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=description, unit="img", dynamic_ncols=True, smoothing=0.1)
+    # leave=False: the job's summary replaces the bar, and a run of many jobs does not stack bars
+    return tqdm(total=total, desc=description, unit="img", dynamic_ncols=True, smoothing=0.1, leave=False)

@@ -37,7 +37,7 @@ def pretrained_mnist_cnn_path() -> Path:
 
 
 def pretrain_mnist_cnn(*, epochs: int = 15, batch_size: int = 128, seed: int = 0, force: bool = False,
-                       data_dir=None, verbose: int = 0) -> tuple[Path, dict]:
+                       data_dir=None, progress: bool = False) -> tuple[Path, dict]:
     """Train the CNN on MNIST big (the lecture: 15 epochs, batch 128, Adam) and save it once.
 
     Writes `mnist_cnn.keras`, its `.sha256` and a `.json` of settings and test accuracy into the
@@ -56,7 +56,8 @@ def pretrain_mnist_cnn(*, epochs: int = 15, batch_size: int = 128, seed: int = 0
     model = mnist_cnn(num_classes=5)
     model.compile(loss=keras.losses.SparseCategoricalCrossentropy(), optimizer="adam", metrics=["accuracy"])
     log.info("pretraining mnist_cnn on %d images: %d epochs, batch %d", len(x_train), epochs, batch_size)
-    model.fit(x_train / np.float32(255), y_train, epochs=epochs, batch_size=batch_size, verbose=verbose)
+    model.fit(x_train / np.float32(255), y_train, epochs=epochs, batch_size=batch_size, verbose=0,
+              callbacks=[_epoch_bar(epochs)] if progress else [])
     _, accuracy = model.evaluate(x_test / np.float32(255), y_test, batch_size=1024, verbose=0)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.stem}.{os.getpid()}.keras")
@@ -69,3 +70,22 @@ def pretrain_mnist_cnn(*, epochs: int = 15, batch_size: int = 128, seed: int = 0
     meta_path.write_text(json.dumps(meta, indent=2))
     log.info("saved %s (test accuracy on digits 0,2,4,6,8: %.4f)", target, accuracy)
     return target, meta
+
+
+def _epoch_bar(epochs: int):
+    """A Keras callback showing a tqdm bar over epochs, with the last epoch's loss and accuracy."""
+    import keras
+    from tqdm import tqdm
+
+    class EpochBar(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.bar = tqdm(total=epochs, desc="pretrain mnist_cnn", unit="epoch", leave=False, dynamic_ncols=True)
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.bar.set_postfix({k: f"{v:.4f}" for k, v in (logs or {}).items()}, refresh=False)
+            self.bar.update(1)
+
+        def on_train_end(self, logs=None):
+            self.bar.close()
+
+    return EpochBar()

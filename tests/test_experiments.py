@@ -60,9 +60,13 @@ def test_runner_trains_every_kind_of_row(tmp_path, tiny_experiment):
         assert len(rows["logreg"].accuracies) == 2
         assert len(rows["scratch"].accuracies) == 1 and "1 of 2 trials" in rows["scratch"].note
         assert rows["classic"].accuracies == [] and "timing only" in rows["classic"].note
-        assert rows["classic"].settings["seconds_per_full_trial"] > 0
+        classic = rows["classic"].settings
+        low, high = classic["seconds_per_full_trial_range"]
+        assert 0 < low <= classic["seconds_per_full_trial"] <= high and classic["warmup_seconds"] >= 0
+        assert "steady-state steps" in rows["classic"].note and "warm-up" in rows["classic"].note
         timing = result.details["timing"]
         assert timing["classic_full_table_seconds"] > 0 and timing["speedup"] > 0
+        assert timing["speedup_range"][0] <= timing["speedup"] <= timing["speedup_range"][1]
         assert 18 + 30 <= result.details["embedding"]["vgg16/lecture/32/flatten"]["computed"] <= 2 * 18 + 30
 
         again = ExperimentRunner(store, settings, trial_cache=cache).run(tiny_experiment)
@@ -97,7 +101,8 @@ def test_compare_command(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "linear" in out.stdout and "logreg" in out.stdout and "knn" in out.stdout
-    report = json.loads((tmp_path / "runs" / "latest" / "report.json").read_text())
+    assert not (tmp_path / "runs" / "latest").exists()  # the main job's report keeps its place
+    report = json.loads((tmp_path / "runs" / "latest-compare" / "report.json").read_text())
     methods = report["experiments"]["compare"]["methods"]
     assert methods["linear"]["trials"] == 3 and methods["linear"]["mean"] > 0.8
     assert methods["logreg"]["mean"] > 0.8

@@ -43,8 +43,11 @@ class Network:
 
 
 def runtime_module(runtime: str):
+    from extractor.models.quiet import import_tensorflow_quietly
+
     if runtime not in _MODULES:
         raise UnknownNameError("runtime", runtime, _MODULES)
+    import_tensorflow_quietly()
     return importlib.import_module(f"extractor.models.runtimes.{_MODULES[runtime]}")
 
 

@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 
 from extractor.errors import InvalidInputError
+from extractor.models.quiet import native_stderr_silenced
 from extractor.models.runtimes import ModelInfo, Network, check_cut, pool_array
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,8 @@ class TFLiteNetwork(Network):
         cut = spec.cut or outputs[0]
         check_cut(cut, tensor_names(probe), spec.name)
         self._interpreter = probe if cut in outputs else new_interpreter(path, preserve_all_tensors=True)
-        self._interpreter.allocate_tensors()
+        with native_stderr_silenced():  # XNNPACK announces itself on stderr
+            self._interpreter.allocate_tensors()
         model_input = _single_input(self._interpreter, path)
         self.input_dtype = np.dtype(model_input["dtype"])
         if tuple(model_input["shape"][1:]) != spec.input_shape:
