@@ -55,3 +55,8 @@ class NotReadyError(ExtractorError):
 
 class AuthenticationError(ExtractorError):
     """A call to the service without the right credentials."""
+
+
+class UntrustedModelError(ExtractorError):
+    """A saved model that could run code when loaded: a pickle, a type outside the trusted list, a Keras
+    layer that carries Python code, or a file reached through a link out of its folder."""

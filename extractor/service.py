@@ -25,7 +25,7 @@ from extractor.wire import KEY_BYTES, vectors_per_response, vectors_response_byt
 
 log = logging.getLogger(__name__)
 
-HEAD_SUFFIXES = (".keras", ".joblib")  # how saved heads are written (see classifiers.persistence)
+HEAD_SUFFIXES = (".keras", ".skops", ".joblib")  # see classifiers.persistence, which refuses .joblib (pickles)
 
 
 @dataclass(frozen=True)
