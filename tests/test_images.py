@@ -216,3 +216,64 @@ def test_a_header_declaring_a_huge_image_is_refused_without_decoding():
 def test_declared_size_of_bytes_that_are_no_image_is_invalid_input(data):
     with pytest.raises(InvalidInputError):
         declared_image_size(data)
+
+
+# --- reliability: every mode in every format that writes it, at every orientation --------------------------------
+
+# orientation -> stored pixels to the upright picture (EXIF 274; Pillow's exif_transpose methods)
+UPRIGHT = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+           5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: a.swapaxes(0, 1)[::-1, ::-1],
+           8: lambda a: np.rot90(a, 1)}
+WRITES = {"PNG": ["L", "RGB", "RGBA", "LA", "P", "I;16", "1"], "TIFF": ["L", "RGB", "RGBA", "P", "I;16", "I", "1", "CMYK"],
+          "WEBP": ["RGB", "RGBA"], "BMP": ["L", "RGB", "P", "1"], "PPM": ["L", "RGB", "I;16", "1"], "GIF": ["P", "L"]}
+CARRIES_ORIENTATION = {"PNG", "TIFF", "WEBP"}
+
+
+def stored_image(mode: str, rng, height: int, width: int) -> tuple[Image.Image, np.ndarray]:
+    """An image in `mode` and the pixels a viewer shows for it unrotated: (H, W) gray or (H, W, 3)."""
+    rgb = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    gray = rgb[:, :, 0]
+    if mode in ("L", "LA"):
+        alpha = rng.integers(0, 256, (height, width), dtype=np.uint8)
+        return Image.fromarray(gray if mode == "L" else np.stack([gray, alpha], -1), mode), gray
+    if mode == "RGB":
+        return Image.fromarray(rgb), rgb
+    if mode == "RGBA":
+        return Image.fromarray(np.dstack([rgb, gray]), "RGBA"), rgb
+    if mode == "P":
+        palette = Image.fromarray(rgb).quantize(16)
+        return palette, np.asarray(palette.convert("RGB"))
+    if mode == "I;16":  # the low byte is noise under the 8 bits a viewer sees
+        return Image.fromarray((gray.astype(np.uint16) << 8) | rng.integers(0, 256, gray.shape, dtype=np.uint16)), gray
+    if mode == "I":
+        return Image.fromarray((gray.astype(np.int32) << 23) | rng.integers(0, 2**23, gray.shape, dtype=np.int32), "I"), gray
+    if mode == "1":
+        bits = gray > 127
+        return Image.fromarray(bits), np.where(bits, 255, 0).astype(np.uint8)
+    if mode == "CMYK":
+        return Image.fromarray(np.dstack([255 - rgb, np.zeros_like(gray)]), "CMYK"), rgb
+    raise ValueError(mode)
+
+
+def image_mode_cases(seeds: int) -> list[tuple]:
+    return [(fmt, mode, orientation, seed) for fmt, modes in sorted(WRITES.items()) for mode in modes
+            for orientation in (sorted(UPRIGHT) if fmt in CARRIES_ORIENTATION else [1]) for seed in range(seeds)]
+
+
+@pytest.mark.parametrize("seeds", [pytest.param(1, id="short"), pytest.param(4, id="full", marks=pytest.mark.reliability)])
+def test_every_mode_format_and_orientation_decodes_to_what_a_viewer_shows(seeds, figures):
+    cases = image_mode_cases(seeds)
+    if seeds == 1:
+        cases = cases[::9]  # the default run: a spread of them
+    for fmt, mode, orientation, seed in cases:
+        rng = np.random.default_rng(seed)
+        image, shown = stored_image(mode, rng, int(rng.integers(1, 40)), int(rng.integers(1, 40)))
+        options = {"lossless": True, "exact": True} if fmt == "WEBP" else {}  # exact: keep colour under alpha 0
+        if orientation != 1:
+            exif = Image.Exif()
+            exif[EXIF_ORIENTATION] = orientation
+            options["exif"] = exif
+        pixels = decode_image(encode(image, fmt, **options))
+        expected = canonical_pixels(np.ascontiguousarray(UPRIGHT[orientation](shown)))
+        assert np.array_equal(pixels, expected), (fmt, mode, orientation, seed)
+    figures.cases("image modes, formats and orientations", len(cases))
