@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from extractor.errors import StoreIOError
-from extractor.models import BackboneSpec, FrozenBackbone, load_backbone
 from extractor.images import pixel_digest
+from extractor.models import BackboneSpec, FrozenBackbone, load_backbone
 from extractor.store import EmbeddingStore
 
 log = logging.getLogger(__name__)

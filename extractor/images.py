@@ -10,8 +10,8 @@ picture a person sees:
   (the colour under a transparent pixel is kept, as for (H, W, 4) arrays);
 - an animated or multi-page image is its first frame;
 - an RGB image whose three channels are equal everywhere is grayscale (H, W, 1): a grayscale image and
-  its RGB copy share one key, because every recipe gives them the same backbone input (gray is
-  repeated to 3 channels; the luma of equal channels is that value).
+  its RGB copy share one key, because preprocessing gives them the same model input (gray is repeated
+  to 3 channels; the luma of equal channels is that value).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from PIL import Image
 from extractor.embedder import content_key
 from extractor.errors import InvalidInputError, LimitExceededError
 from extractor.images import canonical_pixels, check_declared_size, declared_image_size, decode_image, to_8_bits
-from extractor.recipes import fit_pixels
+from extractor.models.preprocessing import fit_pixels
 
 GRADIENT_16 = np.linspace(0, 65535, 64 * 64).round().astype(np.uint16).reshape(64, 64)
 EXIF_ORIENTATION = 0x0112
@@ -170,7 +170,7 @@ def test_a_grayscale_image_and_its_rgb_copy_share_one_key_and_one_backbone_input
     from_rgb = decode_image(encode(Image.fromarray(rgb), "PNG"))
     np.testing.assert_array_equal(from_gray, from_rgb)
     assert content_key("f", from_gray) == content_key("f", canonical_pixels(rgb))
-    for channels in (1, 3):  # what every recipe feeds the backbone, resized or not
+    for channels in (1, 3):  # what every preprocessing feeds the model, resized or not
         for size in (20, 32):
             np.testing.assert_array_equal(fit_pixels([gray[:20, :20, None]], size, channels),
                                           fit_pixels([rgb[:20, :20]], size, channels))
