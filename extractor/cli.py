@@ -266,7 +266,7 @@ def add_service_commands(commands) -> None:
     serve.add_argument("--store", help="store file (env EXTRACTOR_STORE; default in the user cache)")
     serve.add_argument("--backbones", default="vgg16", help="comma-separated model repository entries (default vgg16)")
     add_repository_option(serve)
-    serve.add_argument("--heads", metavar="DIR", help="folder of saved heads (.keras, .joblib) to serve")
+    serve.add_argument("--heads", metavar="DIR", help="folder of saved heads (.keras, .skops) to serve")
     serve.add_argument("--max-batch", type=int, default=128, help="images per backbone call (default 128)")
     serve.add_argument("--max-wait-ms", type=float, default=5.0,
                        help="how long the first waiting image waits for others to batch with (default 5)")
