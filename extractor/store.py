@@ -473,7 +473,12 @@ def quick_check(path: str | os.PathLike) -> list[str]:
             db.close()
     except sqlite3.Error as exc:
         return [f"SQLite cannot read it: {exc}"]
-    return [] if [row[0] for row in rows] == ["ok"] else [row[0] for row in rows]
+    return [] if [row[0] for row in rows] == ["ok"] else [_one_line(row[0]) for row in rows]
+
+
+def _one_line(message: str) -> str:
+    """SQLite's integrity messages can span lines ("*** in database main ***\nPage 5: ...")."""
+    return " ".join(message.split())
 
 
 def open_checked_store(path: str | os.PathLike, *, when_damaged: str = "refuse") -> EmbeddingStore:
@@ -516,7 +521,10 @@ def _verify(db: sqlite3.Connection) -> VerifyReport:
     problems = _integrity_problems(db)
     good, corrupt = set(), []
     for key, dim, blob, checksum in _vector_rows(db, problems):
-        (good.add(key) if _vector_ok(key, dim, blob, checksum) else corrupt.append(key))
+        if _vector_ok(key, dim, blob, checksum):
+            good.add(key)
+        else:
+            corrupt.append(key)
     problems += [f"vector {_hex(key)}: checksum or width mismatch" for key in corrupt]
     bad = set(corrupt)
     sets = _feature_set_rows(db, problems)
@@ -548,7 +556,7 @@ def _integrity_problems(db: sqlite3.Connection) -> list[str]:
         rows = [row[0] for row in db.execute(f"PRAGMA integrity_check({PROBLEMS_LISTED})")]
     except sqlite3.DatabaseError as exc:
         return [f"SQLite integrity check cannot run: {exc}"]
-    return [] if rows == ["ok"] else [f"SQLite integrity check: {row}" for row in rows]
+    return [] if rows == ["ok"] else [f"SQLite integrity check: {_one_line(row)}" for row in rows]
 
 
 def _vector_ok(key, dim, blob, checksum) -> bool:
