@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "`extractor serve --heads DIR` finds it.")
     train.add_argument("--train-set", required=True, help="feature set to train on")
     train.add_argument("--head", required=True, help="a KerasHead spec or logreg, knn, linear-svm, ridge")
-    train.add_argument("--out", required=True, help="model file to write (suffix .keras or .joblib is added)")
+    train.add_argument("--out", required=True, help="model file to write (suffix .keras or .skops is added)")
     train.add_argument("--epochs", type=int, default=100, help="epochs of Keras heads (default 100)")
     train.add_argument("--batch-size", type=int, default=4, help="batch size of Keras heads (default 4)")
     train.add_argument("--seed", type=int, default=0)

@@ -116,9 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     store = commands.add_parser("store", help="inspect and maintain the store")
     store_commands = store.add_subparsers(dest="store_command", required=True, metavar="ACTION")
     for name, help_text in (("info", "vectors, size and feature sets"),
-                            ("verify", "re-check every checksum and reference; exit 1 on any problem"),
+                            ("verify", "check every page, checksum and reference; list each problem; exit 1 on any"),
+                            ("repair", "copy what is intact of a damaged store into a new file"),
                             ("export", "write a feature set as .npy files or Parquet"),
-                            ("gc", "delete vectors no feature set refers to")):
+                            ("gc", "show (with --yes: delete) vectors no feature set refers to")):
         action = store_commands.add_parser(name, help=help_text)
         action.add_argument("--store", help="store file (env EXTRACTOR_STORE; default in the user cache)")
         action.set_defaults(run=cmd_store)
@@ -126,8 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
             action.add_argument("--feature-set", required=True)
             action.add_argument("--format", choices=["npy", "parquet"], default="parquet")
             action.add_argument("--out", required=True, help="folder (npy) or file (parquet)")
+        if name == "repair":
+            action.add_argument("--out", required=True, help="the new store file to write (must not exist)")
         if name == "gc":
-            action.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+            action.add_argument("--yes", action="store_true", help="delete; without it gc only shows what it would")
         if name == "info":
             action.add_argument("--json", action="store_true")
     add_store_import(store_commands)
@@ -209,10 +212,20 @@ def cmd_store_import(args) -> int:
 
 def cmd_store(args) -> int:
     from extractor import paths
-    from extractor.store import EmbeddingStore, export_feature_set
+    from extractor.store import EmbeddingStore, export_feature_set, repair_store, verify_store
 
     path = paths.store_path(args.store)
-    with EmbeddingStore(path, readonly=args.store_command in ("info", "verify", "export")) as store:
+    if args.store_command == "verify":  # without opening it as a store: a damaged file is a finding, not an error
+        report = verify_store(path)
+        print(f"checked {report.vectors_checked} vectors: "
+              + ("ok" if report.ok else f"{len(report.problems)} problems"))
+        for problem in report.problems:
+            print(f"  {problem}")
+        return 0 if report.ok else 1
+    if args.store_command == "repair":
+        print("\n".join(repair_store(path, args.out).lines()))
+        return 0
+    with EmbeddingStore(path, readonly=args.store_command in ("info", "export")) as store:
         if args.store_command == "info":
             info = store.info()
             if args.json:
@@ -225,19 +238,11 @@ def cmd_store(args) -> int:
                 print(f"  {s['name']:<28}{s['count']:>8}  {state:<10} {s['backbone']} {s['fingerprint']}  "
                       f"{s['data_spec']}" + (f"  ({s['skipped']} skipped)" if s["skipped"] else ""))
             return 0
-        if args.store_command == "verify":
-            report = store.verify()
-            print(f"checked {report.vectors_checked} vectors: "
-                  + ("ok" if report.ok else f"{len(report.problems)} problems"))
-            for problem in report.problems[:50]:
-                print(f"  {problem}")
-            return 0 if report.ok else 1
         if args.store_command == "export":
             for written in export_feature_set(store, args.feature_set, args.out, args.format):
                 print(written)
             return 0
-        removed = store.gc(dry_run=args.dry_run)
-        print(f"{'would delete' if args.dry_run else 'deleted'} {removed} unreferenced vectors")
+        print("\n".join(store.gc(dry_run=not args.yes).lines()))
         return 0
 
 
@@ -261,7 +266,7 @@ def add_service_commands(commands) -> None:
     serve.add_argument("--store", help="store file (env EXTRACTOR_STORE; default in the user cache)")
     serve.add_argument("--backbones", default="vgg16", help="comma-separated model repository entries (default vgg16)")
     add_repository_option(serve)
-    serve.add_argument("--heads", metavar="DIR", help="folder of saved heads (.keras, .joblib) to serve")
+    serve.add_argument("--heads", metavar="DIR", help="folder of saved heads (.keras, .skops) to serve")
     serve.add_argument("--max-batch", type=int, default=128, help="images per backbone call (default 128)")
     serve.add_argument("--max-wait-ms", type=float, default=5.0,
                        help="how long the first waiting image waits for others to batch with (default 5)")

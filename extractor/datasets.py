@@ -7,7 +7,8 @@ Data specs (options after `?`, joined by `&`):
   cifar10:SPLIT     train | test | small (a seeded sample of `per_class` train images per class;
                     per_class=100, seed=0)
   folder:PATH       one subfolder per class holding image files (class index = sorted folder order)
-  npz:PATH          arrays `x` (N, H, W[, C]) uint8 and `y` (N,), optionally `class_names`
+  npz:PATH          arrays `x` (N, H, W[, C]) uint8 (or uint16, scaled to 8 bits) and `y` (N,), optionally
+                    `class_names`
 Any spec also takes `per_class=N` (and `seed`, default 0): a seeded sample of N images of each class.
 `mnist` and `cifar10` read the shared files by default; `source=keras` downloads them through Keras.
 """
@@ -307,7 +308,7 @@ def _array_dataset(spec, x, y, indices, class_names, origin) -> Dataset:
 
 
 def open_npz(path: Path) -> Dataset:
-    """Arrays `x` (N, H, W[, C]) uint8 and `y` (N,) integer labels, optionally `class_names`."""
+    """Arrays `x` (N, H, W[, C]) uint8 or uint16 and `y` (N,) integer labels, optionally `class_names`."""
     if not path.is_file():
         raise InvalidInputError(f"npz file not found: {path}")
     try:
@@ -320,8 +321,8 @@ def open_npz(path: Path) -> Dataset:
         raise InvalidInputError(f"cannot read {path} as npz: {exc or 'empty file'}") from None
     except MemoryError as exc:  # numpy allocates what an array's header declares before reading its data
         raise InvalidInputError(f"cannot read {path} as npz: an array declares more than memory holds ({exc})") from None
-    if x.dtype != np.uint8 or x.ndim not in (3, 4):
-        raise InvalidInputError(f"{path}: x must be uint8 (N, H, W[, C]), got {x.dtype} {x.shape}")
+    if x.dtype not in (np.uint8, np.uint16) or x.ndim not in (3, 4):
+        raise InvalidInputError(f"{path}: x must be uint8 or uint16 (N, H, W[, C]), got {x.dtype} {x.shape}")
     y = np.asarray(y).reshape(-1)
     if len(y) != len(x) or not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
         raise InvalidInputError(f"{path}: y must be {len(x)} non-negative integers, got {y.dtype} {y.shape}")

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from extractor.models import BackboneSpec, FrozenBackbone, load_backbone
+from extractor.errors import StoreDamagedError, StoreError, StoreIOError
 from extractor.images import pixel_digest
+from extractor.models import BackboneSpec, FrozenBackbone, load_backbone
 from extractor.store import EmbeddingStore
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class Resolved:
     cached: np.ndarray       # (n,) bool: found in the store rather than computed now
     new_keys: list[bytes]    # keys computed now, each once
     new_vectors: np.ndarray  # (len(new_keys), d) float32
+    store_error: StoreError | None = None  # why the new vectors could not be kept, if they could not
 
 
 class Embedder:
@@ -96,8 +98,14 @@ class Embedder:
         return Resolved(keys, vectors, cached, new_keys, new_vectors)
 
     def embed(self, images: list[np.ndarray]) -> Resolved:
-        """`resolve`, then store what was computed (one transaction)."""
+        """`resolve`, then store what was computed (one transaction). When the store cannot be written
+        (disk full, read-only, I/O error, a damaged page) the vectors are still returned, with the error in
+        `store_error`."""
         resolved = self.resolve(images)
         if resolved.new_keys:
-            self.store.put_many(resolved.new_keys, resolved.new_vectors)
+            try:
+                self.store.put_many(resolved.new_keys, resolved.new_vectors)
+            except (StoreIOError, StoreDamagedError) as exc:
+                log.warning("%d new vectors returned but not stored: %s", len(resolved.new_keys), exc)
+                resolved.store_error = exc
         return resolved

@@ -45,6 +45,23 @@ class StoreError(ExtractorError):
     """A file that is not an embedding store, or a store that failed an integrity check."""
 
 
+class StoreDamagedError(StoreError):
+    """A store whose file SQLite reports as damaged (`store verify` lists what, `store repair` salvages the rest)."""
+
+
+class StoreIOError(StoreError):
+    """A store the system cannot write or read now: `cause` is "read-only", "I/O error", "locked" or
+    "disk full" (StoreFullError); the service answers UNAVAILABLE, RESOURCE_EXHAUSTED for a full disk."""
+
+    def __init__(self, message: str, cause: str):
+        self.cause = cause
+        super().__init__(message)
+
+
+class StoreFullError(StoreIOError):
+    """A store write refused because its disk (or file system quota) is full."""
+
+
 class MissingDependencyError(ExtractorError):
     """An optional feature whose extra packages are not installed (the message says how to install them)."""
 
@@ -55,3 +72,8 @@ class NotReadyError(ExtractorError):
 
 class AuthenticationError(ExtractorError):
     """A call to the service without the right credentials."""
+
+
+class UntrustedModelError(ExtractorError):
+    """A saved model that could run code when loaded: a pickle, a type outside the trusted list, a Keras
+    layer that carries Python code, or a file reached through a link out of its folder."""

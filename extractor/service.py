@@ -25,7 +25,7 @@ from extractor.wire import KEY_BYTES, vectors_per_response, vectors_response_byt
 
 log = logging.getLogger(__name__)
 
-HEAD_SUFFIXES = (".keras", ".joblib")  # how saved heads are written (see classifiers.persistence)
+HEAD_SUFFIXES = (".keras", ".skops", ".joblib")  # see classifiers.persistence, which refuses .joblib (pickles)
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def load_saved_head(path: Path) -> Head:
 
 
 def load_heads(directory: str | Path, loader: HeadLoader) -> dict[str, Head]:
-    """Every saved head in `directory` (files ending in .keras or .joblib), by name."""
+    """Every saved head in `directory` (files ending in .keras, .skops or .joblib), by name."""
     directory = Path(directory)
     if not directory.is_dir():
         raise InvalidInputError(f"heads directory not found: {directory}")

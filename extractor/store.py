@@ -6,6 +6,9 @@ loses nothing already committed. Every vector row carries a CRC32 of its key and
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import json
 import logging
 import os
@@ -14,21 +17,25 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from extractor.errors import InvalidInputError, StoreError, UnknownNameError
+from extractor.errors import (InvalidInputError, StoreDamagedError, StoreError, StoreFullError, StoreIOError,
+                              UnknownNameError)
 from extractor.paths import file_identity
 
 log = logging.getLogger(__name__)
 
 APPLICATION_ID = 0x46455354  # "FEST": marks a SQLite file as an embedding store
-SCHEMA_VERSION = 1
+# 2: images decode as a viewer shows them (EXIF orientation, deep samples scaled, gray RGB as gray), so the
+# pixel digests that version 1 remembered for files describe other pixels and are forgotten on open.
+SCHEMA_VERSION = 2
 SQLITE_HEADER = b"SQLite format 3\x00"
 QUERY_CHUNK = 500  # keys per SELECT ... IN (...), under SQLite's variable limit
+SALVAGE_CHUNK = 1024  # rows per range read by verify and repair; a range SQLite cannot read is split down to rows
+PROBLEMS_LISTED = 1000  # SQLite's integrity_check messages kept
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS vectors (
@@ -69,6 +76,47 @@ def vector_checksum(key: bytes, blob: bytes) -> int:
     return zlib.crc32(blob, zlib.crc32(key))
 
 
+def store_error(path: Path, exc: sqlite3.Error) -> StoreError | sqlite3.Error:
+    """The domain error for what SQLite reported about the store at `path`, naming the cause; other
+    errors (a programming error, a bad statement) come back as they are."""
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # the primary code under SQLite's extended ones
+    if code == sqlite3.SQLITE_FULL:
+        return StoreFullError(f"store {path}: disk full, nothing more can be written ({exc})", "disk full")
+    if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN) and _on_read_only_mount(path):
+        return StoreIOError(f"store {path}: its file system is mounted read-only ({exc})", "read-only")
+    if code == sqlite3.SQLITE_READONLY:
+        return StoreIOError(f"store {path}: the file is read-only ({exc})", "read-only")
+    if code in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN):
+        return StoreIOError(f"store {path}: I/O error ({exc})", "I/O error")
+    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return StoreIOError(f"store {path}: locked by another writer ({exc})", "locked")
+    if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        return StoreDamagedError(f"store {path} is damaged ({exc}): run `python -m extractor store verify`, then "
+                                 "`store repair`")
+    return exc
+
+
+def _on_read_only_mount(path: Path) -> bool:
+    """Whether the file system holding `path` (or its folder) is mounted read-only."""
+    for place in (path, path.parent):
+        try:
+            return bool(os.statvfs(place).f_flag & os.ST_RDONLY)
+        except OSError:
+            continue
+    return False
+
+
+def _translated(method):
+    """A store method whose SQLite errors surface as the domain errors of `store_error`."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise store_error(self.path, exc) from exc
+    return wrapper
+
+
 @dataclass
 class FeatureSetInfo:
     name: str
@@ -94,6 +142,27 @@ class VerifyReport:
         return not self.problems
 
 
+@dataclass
+class GcReport:
+    """What `gc` deletes (or, in a dry run, would delete), by reason."""
+
+    vectors: int = 0                 # no feature set refers to them
+    vector_bytes: int = 0
+    vectors_by_width: dict[int, int] = field(default_factory=dict)
+    stale_digests: int = 0           # remembered pixel digests of files that are gone or changed
+    deleted: bool = False
+
+    def lines(self) -> list[str]:
+        verb = "deleted" if self.deleted else "would delete"
+        widths = ", ".join(f"{count} of width {width}" for width, count in sorted(self.vectors_by_width.items()))
+        size = f"{self.vector_bytes / 1e6:.1f} MB" if self.vector_bytes >= 1e5 else f"{self.vector_bytes / 1e3:.1f} kB"
+        return [f"{verb} {self.vectors} vectors ({size}) that no feature set refers to"
+                + (f": {widths}" if widths else ""),
+                f"{'forgot' if self.deleted else 'would forget'} {self.stale_digests} remembered file digests whose "
+                "files are gone or changed",
+                *([] if self.deleted else ["dry run: nothing was deleted; run again with --yes to delete"])]
+
+
 class EmbeddingStore:
     """Vectors by content key and named, ordered feature sets; safe to share between threads."""
 
@@ -102,7 +171,11 @@ class EmbeddingStore:
         self.readonly = readonly
         _check_is_store(self.path)
         if not readonly:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreIOError(f"store {self.path}: cannot create its folder: {exc.strerror or exc}",
+                                   "read-only" if exc.errno == errno.EROFS else "I/O error") from exc
         elif not self.path.exists():
             raise StoreError(f"no store at {self.path}")
         uri = f"file:{self.path.resolve()}" + ("?mode=ro" if readonly else "")
@@ -120,19 +193,29 @@ class EmbeddingStore:
                 for statement in SCHEMA.replace("CREATE TABLE", "CREATE TEMP TABLE").split(";"):
                     if statement.strip():
                         self._db.execute(statement)
+        except StoreError:
+            self._db.close()
+            raise
         except sqlite3.DatabaseError as exc:
             self._db.close()
+            error = store_error(self.path, exc)
+            if isinstance(error, StoreError):
+                raise error from exc
             raise StoreError(f"{self.path} is not a usable embedding store: {exc}") from exc
 
     def _initialise(self) -> None:
         with self.transaction():
             app_id = self._db.execute("PRAGMA application_id").fetchone()[0]
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if app_id == 0:
                 self._db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-                self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     self._db.execute(statement)
+            if version < SCHEMA_VERSION:
+                if app_id:
+                    self._db.execute("DELETE FROM file_digests")  # see SCHEMA_VERSION
+                self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         if self._db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
             self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable against process kills
@@ -147,22 +230,31 @@ class EmbeddingStore:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    @contextmanager
+    @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction: everything inside lands whole or not at all."""
+        """One write transaction: everything inside lands whole or not at all. A write the system refuses
+        (disk full, read-only file system, I/O error) raises StoreIOError naming the cause."""
         if self.readonly:
-            raise StoreError(f"{self.path} is open read-only")
+            raise StoreIOError(f"store {self.path} is open read-only", "read-only")
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    if self._db.in_transaction:  # SQLite rolls back by itself after some I/O errors
+                        self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):  # the error being raised says more
+                        self._db.execute("ROLLBACK")
+                raise store_error(self.path, exc) from exc
 
     # --- vectors -------------------------------------------------------------------------------------
 
+    @_translated
     def get_many(self, keys: Sequence[bytes]) -> dict[bytes, np.ndarray]:
         """The stored vectors among `keys`, as {key: (d,) float32}; missing or corrupt rows are absent."""
         found: dict[bytes, np.ndarray] = {}
@@ -179,6 +271,7 @@ class EmbeddingStore:
                     found[key] = np.frombuffer(blob, dtype=np.float32)
         return found
 
+    @_translated
     def has(self, key: bytes) -> bool:
         with self._lock:
             return self._db.execute("SELECT 1 FROM vectors WHERE key = ?", (key,)).fetchone() is not None
@@ -201,6 +294,7 @@ class EmbeddingStore:
             with self.transaction() as db:
                 db.executemany(sql, rows)
 
+    @_translated
     def vector_count(self) -> int:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM vectors").fetchone()[0]
@@ -237,6 +331,7 @@ class EmbeddingStore:
             db.executemany("INSERT OR REPLACE INTO file_digests (path, size, mtime_ns, digest) VALUES (?, ?, ?, ?)",
                            file_digests)
 
+    @_translated
     def known_file_digests(self, files: Sequence[tuple[str, int, int]]) -> dict[str, bytes]:
         """Pixel digests remembered for files (path, size, mtime_ns) whose size and mtime still match."""
         wanted = {path: (size, mtime_ns) for path, size, mtime_ns in files}
@@ -257,6 +352,7 @@ class EmbeddingStore:
             db.execute("UPDATE feature_sets SET count = ?, complete = 1, skipped = ?, updated = ? WHERE name = ?",
                        (count, json.dumps(list(skipped)), time.time(), name))
 
+    @_translated
     def feature_sets(self) -> list[FeatureSetInfo]:
         with self._lock:
             rows = self._db.execute(
@@ -271,6 +367,7 @@ class EmbeddingStore:
                 return info
         raise UnknownNameError("feature set", name, [info.name for info in self.feature_sets()])
 
+    @_translated
     def feature_set_keys(self, name: str) -> tuple[list[bytes], np.ndarray]:
         """The ordered keys (n,) and labels (n,) of a feature set."""
         with self._lock:
@@ -278,6 +375,7 @@ class EmbeddingStore:
                                     (name,)).fetchall()
         return [r[0] for r in rows], np.array([r[1] for r in rows], dtype=np.int64)
 
+    @_translated
     def load_feature_set(self, name: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """X (n, d) float32, y (n,) int64 and the class names of a complete feature set, in one call."""
         info = self.feature_set(name)
@@ -305,50 +403,37 @@ class EmbeddingStore:
     # --- maintenance ---------------------------------------------------------------------------------
 
     def verify(self) -> VerifyReport:
-        """Re-check every vector's checksum and every feature set's references."""
-        problems, corrupt, checked = [], [], 0
+        """Every page-level problem SQLite finds, every vector whose checksum or width is wrong, and every
+        broken feature-set reference (see `verify_store`); a damaged file is reported, never raised."""
         with self._lock:
-            integrity = self._db.execute("PRAGMA quick_check").fetchone()[0]
-            if integrity != "ok":
-                problems.append(f"SQLite integrity check: {integrity}")
-            for key, dim, blob, checksum in self._db.execute("SELECT key, dim, vector, checksum FROM vectors"):
-                checked += 1
-                if vector_checksum(key, blob) != checksum or len(blob) != 4 * dim:
-                    corrupt.append(key)
-            for key in corrupt:
-                problems.append(f"vector {key.hex()}: checksum mismatch")
-            for name, count, complete, items, missing in self._db.execute(
-                    "SELECT s.name, s.count, s.complete,"
-                    " (SELECT COUNT(*) FROM feature_set_items i WHERE i.set_name = s.name),"
-                    " (SELECT COUNT(*) FROM feature_set_items i LEFT JOIN vectors v ON v.key = i.key"
-                    "  WHERE i.set_name = s.name AND v.key IS NULL) FROM feature_sets s"):
-                if missing:
-                    problems.append(f"feature set {name!r}: {missing} items refer to missing vectors")
-                if complete and items != count:
-                    problems.append(f"feature set {name!r}: {items} items, expected {count}")
-            orphans = self._db.execute(
-                "SELECT COUNT(*) FROM feature_set_items WHERE set_name NOT IN (SELECT name FROM feature_sets)").fetchone()[0]
-            if orphans:
-                problems.append(f"{orphans} items belong to no feature set")
-        return VerifyReport(checked, corrupt, problems)
+            return _verify(self._db)
 
-    def gc(self, dry_run: bool = False) -> int:
+    @_translated
+    def gc(self, dry_run: bool = False) -> GcReport:
         """Delete vectors that no feature set refers to, and the remembered digests of files that are
-        gone or changed; return how many vectors (would) go."""
+        gone or changed; a dry run only counts them."""
         unreferenced = "FROM vectors WHERE key NOT IN (SELECT key FROM feature_set_items)"
-        if dry_run:
-            with self._lock:
-                return self._db.execute(f"SELECT COUNT(*) {unreferenced}").fetchone()[0]
         with self._lock:
+            widths = dict(self._db.execute(f"SELECT dim, COUNT(*) {unreferenced} GROUP BY dim").fetchall())
+            size = self._db.execute(f"SELECT COALESCE(SUM(length(vector)), 0) {unreferenced}").fetchone()[0]
             remembered = self._db.execute("SELECT path, size, mtime_ns FROM file_digests").fetchall()
         stale = [(path,) for path, size, mtime_ns in remembered if file_identity(path) != (path, size, mtime_ns)]
+        report = GcReport(sum(widths.values()), size, widths, len(stale))
+        if dry_run:
+            return report
         with self.transaction() as db:
-            removed = db.execute(f"DELETE {unreferenced}").rowcount
+            report.vectors = db.execute(f"DELETE {unreferenced}").rowcount  # a job may have claimed some since
             db.executemany("DELETE FROM file_digests WHERE path = ?", stale)
-        with self._lock:
-            self._db.execute("VACUUM")
-        return removed
+        report.deleted = True
+        try:
+            with self._lock:
+                self._db.execute("VACUUM")
+        except sqlite3.Error as exc:  # the deletion stands; VACUUM needs room for a copy of the file
+            log.warning("%s; the deleted rows' space stays in the file until a VACUUM succeeds",
+                        store_error(self.path, exc))
+        return report
 
+    @_translated
     def info(self) -> dict:
         with self._lock:
             widths = dict(self._db.execute("SELECT dim, COUNT(*) FROM vectors GROUP BY dim").fetchall())
@@ -363,6 +448,265 @@ class EmbeddingStore:
                 for s in self.feature_sets()
             ],
         }
+
+
+# --- integrity: quick_check on open, verify, repair ------------------------------------------------------
+
+def _open_raw(path: Path) -> sqlite3.Connection:
+    """A read-only connection to a store file that reads no table yet (a damaged schema is found later)."""
+    if not path.is_file():
+        raise StoreError(f"no store at {path}")
+    return sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True, isolation_level=None)
+
+
+def quick_check(path: str | os.PathLike) -> list[str]:
+    """What SQLite's `quick_check` finds wrong in the store file at `path` ([] when healthy or absent),
+    read-only; a file SQLite cannot read at all is one problem. It reads every page: seconds per GB."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return []
+    try:
+        db = _open_raw(path)
+        try:
+            rows = db.execute(f"PRAGMA quick_check({PROBLEMS_LISTED})").fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        return [f"SQLite cannot read it: {exc}"]
+    return [] if [row[0] for row in rows] == ["ok"] else [_one_line(row[0]) for row in rows]
+
+
+def _one_line(message: str) -> str:
+    """SQLite's integrity messages can span lines ("*** in database main ***\nPage 5: ...")."""
+    return " ".join(message.split())
+
+
+def open_checked_store(path: str | os.PathLike, *, when_damaged: str = "refuse") -> EmbeddingStore:
+    """Open a store for a long-running server after SQLite's `quick_check`: a damaged store raises
+    StoreDamagedError with a one-line reason (`when_damaged="refuse"`), or is opened read-only with a
+    warning that says so (`"readonly"`: lookups work, new vectors are returned but not kept)."""
+    if when_damaged not in ("refuse", "readonly"):
+        raise InvalidInputError(f"when_damaged must be 'refuse' or 'readonly', got {when_damaged!r}")
+    path = Path(path)
+    problems = quick_check(path)
+    if not problems:
+        return EmbeddingStore(path)
+    reason = (f"store {path} is damaged: {problems[0]}" + (f" (and {len(problems) - 1} more problems)"
+                                                             if len(problems) > 1 else "")
+              + f"; run `python -m extractor store verify --store {path}`, then `store repair`")
+    if when_damaged == "refuse":
+        raise StoreDamagedError(reason)
+    log.warning("%s; opened read-only", reason)
+    return EmbeddingStore(path, readonly=True)
+
+
+def verify_store(path: str | os.PathLike) -> VerifyReport:
+    """`EmbeddingStore.verify` of the file at `path`, opened read-only without the checks an open makes,
+    so that a store too damaged to open is still reported on (StoreError only when there is no file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise StoreError(f"no store at {path}")
+    try:
+        _check_is_store(path)
+    except StoreError as exc:  # a header or schema too damaged to recognise is verify's finding, not a usage error
+        return VerifyReport(0, [], [str(exc)])
+    db = _open_raw(path)
+    try:
+        return _verify(db)
+    finally:
+        db.close()
+
+
+def _verify(db: sqlite3.Connection) -> VerifyReport:
+    problems = _integrity_problems(db)
+    good, corrupt = set(), []
+    for key, dim, blob, checksum in _vector_rows(db, problems):
+        if _vector_ok(key, dim, blob, checksum):
+            good.add(key)
+        else:
+            corrupt.append(key)
+    problems += [f"vector {_hex(key)}: checksum or width mismatch" for key in corrupt]
+    bad = set(corrupt)
+    sets = _feature_set_rows(db, problems)
+    for row in sets:
+        name, count, complete = row["name"], row["count"], row["complete"]
+        items = _feature_set_items(db, name, count, problems)
+        missing = sum(1 for item in items if item["key"] not in good and item["key"] not in bad)
+        broken = sum(1 for item in items if item["key"] in bad)
+        if missing:
+            problems.append(f"feature set {name!r}: {missing} items refer to missing vectors")
+        if broken:
+            problems.append(f"feature set {name!r}: {broken} items refer to corrupt vectors")
+        if complete and len(items) != count:
+            problems.append(f"feature set {name!r}: {len(items)} items, expected {count}")
+    try:
+        names = [row["name"] for row in sets]
+        orphans = db.execute(f"SELECT COUNT(*) FROM feature_set_items WHERE set_name NOT IN "
+                             f"({','.join('?' * len(names))})", names).fetchone()[0]
+        if orphans:
+            problems.append(f"{orphans} items belong to no feature set")
+    except sqlite3.DatabaseError as exc:
+        problems.append(f"feature set items: cannot be counted ({exc})")
+    return VerifyReport(len(good) + len(corrupt), corrupt, problems)
+
+
+def _integrity_problems(db: sqlite3.Connection) -> list[str]:
+    """SQLite's own integrity_check (every page, every index entry), as messages."""
+    try:
+        rows = [row[0] for row in db.execute(f"PRAGMA integrity_check({PROBLEMS_LISTED})")]
+    except sqlite3.DatabaseError as exc:
+        return [f"SQLite integrity check cannot run: {exc}"]
+    return [] if rows == ["ok"] else [f"SQLite integrity check: {_one_line(row)}" for row in rows]
+
+
+def _vector_ok(key, dim, blob, checksum) -> bool:
+    return (isinstance(key, bytes) and isinstance(blob, bytes) and isinstance(dim, int)
+            and len(blob) == 4 * dim and vector_checksum(key, blob) == checksum)
+
+
+def _hex(key) -> str:
+    return key.hex() if isinstance(key, bytes) else repr(key)
+
+
+def _read_ranges(read, first: int, last: int, what: str, problems: list[str]) -> list:
+    """Rows `read(lo, hi)` returns for positions first..last, in chunks; a chunk SQLite cannot read is
+    split down to single positions, and what stays unreadable is reported as ranges of `what`."""
+    unreadable: list[tuple[int, str]] = []
+
+    def walk(lo: int, hi: int) -> list:
+        try:
+            return read(lo, hi)
+        except sqlite3.DatabaseError as exc:
+            if lo == hi:
+                unreadable.append((lo, str(exc)))
+                return []
+            middle = (lo + hi) // 2
+            return walk(lo, middle) + walk(middle + 1, hi)
+
+    rows = []
+    for lo in range(first, last + 1, SALVAGE_CHUNK):
+        rows += walk(lo, min(lo + SALVAGE_CHUNK - 1, last))
+    start = None
+    for i, (position, reason) in enumerate(unreadable):
+        start = position if start is None else start
+        if i + 1 == len(unreadable) or unreadable[i + 1][0] != position + 1:
+            problems.append(f"{what} {start}-{position}: unreadable ({reason})" if start != position
+                            else f"{what} {position}: unreadable ({reason})")
+            start = None
+    return rows
+
+
+def _fetch(db: sqlite3.Connection, sql: str, params=()) -> list[dict]:
+    cursor = db.execute(sql, params)
+    names = [column[0] for column in cursor.description]
+    return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+
+def _rowid_rows(db: sqlite3.Connection, table: str, columns: str, problems: list[str]) -> list:
+    """Every readable row of a rowid table as a tuple, read by rowid ranges; unreadable ranges reported."""
+    bounds = None
+    for source in (table, f"{table} INDEXED BY sqlite_autoindex_{table}_1"):  # the index when the table's edge is damaged
+        try:
+            bounds = db.execute(f"SELECT min(rowid), max(rowid) FROM {source}").fetchone()
+            break
+        except sqlite3.DatabaseError as exc:
+            reason = exc
+    if bounds is None:
+        problems.append(f"{table}: no row can be found ({reason})")
+        return []
+    if bounds[0] is None:
+        return []
+    return _read_ranges(lambda lo, hi: db.execute(f"SELECT {columns} FROM {table} WHERE rowid BETWEEN ? AND ?",
+                                                  (lo, hi)).fetchall(), bounds[0], bounds[1], f"{table} rows", problems)
+
+
+def _vector_rows(db: sqlite3.Connection, problems: list[str]) -> list[tuple]:
+    """(key, dim, vector, checksum) of every readable vector row."""
+    return _rowid_rows(db, "vectors", "key, dim, vector, checksum", problems)
+
+
+def _feature_set_rows(db: sqlite3.Connection, problems: list[str]) -> list[dict]:
+    try:
+        names = [row[1] for row in db.execute("PRAGMA table_info(feature_sets)")]
+    except sqlite3.DatabaseError as exc:
+        problems.append(f"feature_sets: the schema cannot be read ({exc})")
+        return []
+    return [dict(zip(names, row)) for row in _rowid_rows(db, "feature_sets", ", ".join(names), problems)]
+
+
+def _feature_set_items(db: sqlite3.Connection, name: str, count: int, problems: list[str]) -> list[dict]:
+    """The readable items of feature set `name`, by position ranges; unreadable ranges reported."""
+    try:
+        last = db.execute("SELECT max(position) FROM feature_set_items WHERE set_name = ?", (name,)).fetchone()[0]
+    except sqlite3.DatabaseError:
+        last = None
+    last = max(count - 1 if isinstance(count, int) else -1, last if isinstance(last, int) else -1)
+    return _read_ranges(lambda lo, hi: _fetch(
+        db, "SELECT * FROM feature_set_items WHERE set_name = ? AND position BETWEEN ? AND ?", (name, lo, hi)),
+        0, last, f"feature set {name!r}: items", problems)
+
+
+@dataclass
+class RepairReport:
+    """What `repair_store` salvaged into a new store, and what it could not."""
+
+    target: Path
+    vectors: int
+    vectors_corrupt: int
+    feature_sets: int
+    incomplete: list[str]
+    problems: list[str]  # what the damaged file had: page-level messages and unreadable ranges
+
+    def lines(self) -> list[str]:
+        return [f"salvaged {self.vectors} vectors and {self.feature_sets} feature sets into {self.target}; "
+                f"left out {self.vectors_corrupt} corrupt vectors and the unreadable ranges below",
+                *(f"  {problem}" for problem in self.problems),
+                *(f"  feature set {name!r} lost items or vectors: marked incomplete, its job rerun recomputes "
+                  "only what is missing" for name in self.incomplete),
+                "remembered file digests were not copied (the next job reads those files again)",
+                f"check it with `store verify --store {self.target}`, then move it in place of the damaged file"]
+
+
+def repair_store(source: str | os.PathLike, target: str | os.PathLike) -> RepairReport:
+    """Copy what is intact in the store at `source` (possibly damaged, opened read-only, left untouched)
+    into a new store at `target`: vectors whose checksum holds, feature sets, and their readable items whose
+    vectors were kept. A feature set that lost any is marked incomplete, so its job, rerun, fills it again.
+    Remembered file digests are not copied: unlike vectors they carry no checksum to prove them intact."""
+    source, target = Path(source), Path(target)
+    if target.exists():
+        raise InvalidInputError(f"{target} exists: repair writes a new file")
+    problems: list[str] = []
+    db = _open_raw(source)
+    try:
+        rows = _vector_rows(db, problems)
+        sets = _feature_set_rows(db, problems)
+        items = {row["name"]: _feature_set_items(db, row["name"], row["count"], problems) for row in sets}
+    finally:
+        db.close()
+    if not rows and not sets and problems:
+        raise StoreDamagedError(f"nothing can be salvaged from {source}: {problems[0]}")
+    good = [row for row in rows if _vector_ok(*row)]
+    kept = {row[0] for row in good}
+    incomplete = []
+    with EmbeddingStore(target) as store, store.transaction() as out:
+        out.executemany("INSERT OR REPLACE INTO vectors (key, dim, vector, checksum) VALUES (?, ?, ?, ?)", good)
+        for row in sets:
+            whole = len(items[row["name"]]) == row["count"] and all(item["key"] in kept for item in items[row["name"]])
+            if row["complete"] and not whole:
+                row["complete"] = 0
+                incomplete.append(row["name"])
+            _insert(out, "feature_sets", [row])
+            _insert(out, "feature_set_items", [item for item in items[row["name"]] if item["key"] in kept])
+    return RepairReport(target, len(good), len(rows) - len(good), len(sets), incomplete, problems)
+
+
+def _insert(db: sqlite3.Connection, table: str, rows: list[dict]) -> None:
+    """Rows of the damaged store into the new one, by the columns both have."""
+    if not rows:
+        return
+    columns = [row[1] for row in db.execute(f"PRAGMA table_info({table})") if row[1] in rows[0]]
+    db.executemany(f"INSERT OR REPLACE INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                   [[row[c] for c in columns] for row in rows])
 
 
 def _check_is_store(path: Path) -> None:
@@ -385,7 +729,10 @@ def _check_is_store(path: Path) -> None:
         finally:
             probe.close()
     except sqlite3.DatabaseError as exc:
-        raise StoreError(f"{path} is not a readable embedding store: {exc}; it was left untouched") from exc
+        error = store_error(path, exc)
+        if isinstance(error, StoreIOError):
+            raise error from exc
+        raise StoreDamagedError(f"{path} is not a readable embedding store: {exc}; it was left untouched") from exc
     if app_id != APPLICATION_ID and not (app_id == 0 and tables == 0):
         raise StoreError(f"{path} is a SQLite database of another application; it was left untouched")
 

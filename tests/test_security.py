@@ -149,13 +149,13 @@ ESCAPING_NAMES = ["..", ".", "", "../../x", "/etc/passwd", "a/../../b", "..\\..\
 def test_head_names_cannot_reach_files_outside_the_heads_folder(spec, heads_dir, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     shutil.copytree(heads_dir, elsewhere)
-    (elsewhere / "lr.joblib").rename(elsewhere / "outside.joblib")
+    (elsewhere / "lr.skops").rename(elsewhere / "outside.skops")
     server = start_server(spec, tmp_path / "store.sqlite", heads_dir=heads_dir)
     try:
         with FeatureClient(f"127.0.0.1:{server.port}") as client:
             assert {head.name for head in client.heads()} == {"lr", "orphan"}
             for name in [*ESCAPING_NAMES, "../elsewhere/outside", str(elsewhere / "outside"),
-                         str(elsewhere / "outside.joblib"), "outside", f"../{heads_dir.name}/lr", "lr.joblib"]:
+                         str(elsewhere / "outside.skops"), "outside", f"../{heads_dir.name}/lr", "lr.skops"]:
                 with pytest.raises(RemoteError) as caught:
                     client.classify(name, random_images(1, seed=4))
                 assert caught.value.code == grpc.StatusCode.NOT_FOUND

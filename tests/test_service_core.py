@@ -65,7 +65,8 @@ def make_service(spec, tmp_path):
 
 
 def test_raw_pixels_are_checked():
-    assert to_pixels(raw(image(5)), 100).shape == (8, 8, 3)
+    assert to_pixels(raw(image(5) + np.arange(3, dtype=np.uint8)), 100).shape == (8, 8, 3)
+    assert to_pixels(raw(image(5)), 100).shape == (8, 8, 1)  # three equal channels are gray (see extractor.images)
     assert to_pixels(raw(np.zeros((4, 6), np.uint8)), 100).shape == (4, 6, 1)
     with pytest.raises(InvalidInputError, match="dtype must be uint8"):
         to_pixels(raw(np.zeros((4, 4), np.float32)), 100)

@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from sklearn.linear_model import LogisticRegression
 
+from classifiers import persistence
 from classifiers.persistence import load_head, save_head
 from conftest import CLASSES, fitted_head, png, random_images, start_server
 from extractor.models import load_backbone
@@ -41,12 +42,15 @@ def reference(spec, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served_heads(spec, heads_dir, tmp_path_factory):
-    """The shared heads plus one that fails when asked."""
+    """The shared heads plus one that fails when asked (its type trusted while the module's server runs)."""
     folder = tmp_path_factory.mktemp("served-heads")
     shutil.copytree(heads_dir, folder, dirs_exist_ok=True)
-    save_head(fitted_head(spec, RaisingModel()), folder / "broken", backbone_fingerprint=spec.fingerprint,
-              class_names=CLASSES)
-    return folder
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(persistence, "TRUSTED_TYPES",
+                      persistence.TRUSTED_TYPES | {f"{RaisingModel.__module__}.{RaisingModel.__qualname__}"})
+        save_head(fitted_head(spec, RaisingModel()), folder / "broken", backbone_fingerprint=spec.fingerprint,
+                  class_names=CLASSES)
+        yield folder
 
 
 @pytest.fixture(scope="module")
@@ -316,7 +320,7 @@ def test_heads_are_listed_and_classify_matches_the_head(client, server, referenc
     assert list(heads["lr"].class_names) == CLASSES
     images = random_images(4, seed=8)
     result = client.classify("lr", images + [b"junk"])
-    model = load_head(heads_dir / "lr.joblib")
+    model = load_head(heads_dir / "lr.skops")
     expected = model.predict_proba(reference(images)).astype(np.float32)
     assert np.array_equal(result.probabilities[:4], expected)
     assert result.labels[:4] == [CLASSES[i] for i in expected.argmax(axis=1)] and result.labels[4] == ""

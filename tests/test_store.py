@@ -106,8 +106,8 @@ def test_gc_removes_only_unreferenced_vectors(tmp_path):
     with EmbeddingStore(tmp_path / "s.sqlite") as store:
         fill(store, "kept", n=3)
         store.put_many(keys(2, offset=100), np.ones((2, 4), np.float32))
-        assert store.gc(dry_run=True) == 2 and store.vector_count() == 5
-        assert store.gc() == 2 and store.vector_count() == 3
+        assert store.gc(dry_run=True).vectors == 2 and store.vector_count() == 5
+        assert store.gc().vectors == 2 and store.vector_count() == 3
         assert store.load_feature_set("kept")[0].shape == (3, 4)
 
 
