@@ -1,4 +1,4 @@
-"""`extractor models ...`: add, list, show, check and remove model repository entries from the command line."""
+"""`extractor models ...`: add, list, show, check, optimize and remove model repository entries from the command line."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ MODELS_EPILOG = """examples:
   extractor models list
   extractor models show lite0
   extractor models check lite0
+  extractor models optimize vgg16 --runtime tflite --quantize dynamic-int8 --data cifar10:test?per_class=20
   extractor embed --backbone lite0 --data folder:~/photos --feature-set photos-lite0
 """
 
@@ -66,10 +67,29 @@ def add_model_commands(commands) -> None:
     check.add_argument("name")
     check.add_argument("--images", type=int, default=64, help="sample images to time (default 64)")
     check.set_defaults(run=cmd_models_check)
+    optimize = actions.add_parser(
+        "optimize", help="convert a Keras entry to TFLite, ONNX or mixed-bfloat16 Keras; measure what it gains",
+        description="Convert a Keras entry's cut model (pooling included, preprocessing unchanged) and add it as a "
+                    "new entry with its own fingerprint. Its config's [measured] table records the forward "
+                    "speed-up against the source entry and the deviation of its vectors (max abs, min cosine) on "
+                    "sample images.")
+    optimize.add_argument("name", help="a Keras entry")
+    optimize.add_argument("--runtime", required=True, metavar="tflite|onnx|keras",
+                          help="tflite (TFLiteConverter), onnx (tf2onnx, opset 17) or keras (mixed bfloat16)")
+    optimize.add_argument("--quantize", metavar="PRECISION",
+                          help="tflite: none (default), float16, dynamic-int8; onnx: none (default), dynamic-int8; "
+                               "keras: bfloat16 (the default)")
+    optimize.add_argument("--as", dest="new_name", metavar="NEWNAME",
+                          help="the new entry's name (default e.g. vgg16_tflite_int8)")
+    optimize.add_argument("--input-size", type=int, help="convert at this input size (resizable entries only)")
+    optimize.add_argument("--data", help="sample images for the measurement, a data spec such as "
+                                         "cifar10:test?per_class=20 (default: random images)")
+    optimize.add_argument("--images", type=int, default=128, help="sample images measured (default 128)")
+    optimize.set_defaults(run=cmd_models_optimize)
     remove = actions.add_parser("remove", help="delete an entry of your repository (and its copied file)")
     remove.add_argument("name")
     remove.set_defaults(run=cmd_models_remove)
-    for action in (add, listing, show, check, remove):
+    for action in (add, listing, show, check, optimize, remove):
         action.add_argument("--model-repository", metavar="DIR",
                             help="your model repository (env EXTRACTOR_MODEL_REPOSITORY; default "
                                  "<cache>/model-repository)")
@@ -187,6 +207,32 @@ def cmd_models_check(args) -> int:
     print(f"{spec.name}: built in {built:.1f} s; output {vectors.shape} {vectors.dtype}, "
           f"{len(images) / seconds:.1f} images/s (preprocess + forward, {len(images)} images)\n"
           f"fingerprint {spec.fingerprint}")
+    return 0
+
+
+def cmd_models_optimize(args) -> int:
+    from extractor.models.optimize import check_target, optimize_entry
+
+    check_target(args.runtime, args.quantize)  # before a dataset is opened or a model built
+    if args.images < 1:
+        raise InvalidInputError(f"--images must be at least 1, got {args.images}")
+    images, sample = None, "random"
+    if args.data:
+        from extractor.datasets import open_dataset
+
+        dataset = open_dataset(args.data, getattr(args, "data_dir", None))
+        images = [image for batch in dataset.batches(args.images, args.images) for image in batch.images]
+        sample = dataset.spec
+    result = optimize_entry(_repository(args), args.name, runtime=args.runtime, quantize=args.quantize,
+                            new_name=args.new_name, input_size=args.input_size, images=images,
+                            sample_images=args.images, sample=sample)
+    spec, measured = result.spec, result.measured
+    print(f"added {spec.name}: {spec.runtime} ({measured['quantization']}) from {measured['source']}, "
+          f"{spec.config.output_dim}-d\n"
+          f"speed       {measured['images_per_second']:.1f} images/s vs {measured['source_images_per_second']:.1f}: "
+          f"{measured['speedup']:.2f}x (forward, {measured['sample_images']} {sample} images)\n"
+          f"deviation   max abs {measured['max_abs_deviation']:.3g}, min cosine {measured['min_cosine']:.6f}\n"
+          f"entry       {spec.config.folder}\nfingerprint {spec.fingerprint}")
     return 0
 
 

@@ -23,7 +23,7 @@ _PREPROCESSING = {"preset": str, "pad_to": int, "channel_order": str, "mean": (l
                   "std": (list, float, int), "dtype": str}
 _MEASURED = {"source": str, "source_fingerprint": str, "images_per_second": float,
              "source_images_per_second": float, "speedup": float, "max_abs_deviation": float,
-             "min_cosine": float, "quantization": str}
+             "min_cosine": float, "quantization": str, "sample": str, "sample_images": int}
 _TABLES = {"input": _INPUT, "preprocessing": _PREPROCESSING, "measured": _MEASURED}
 
 

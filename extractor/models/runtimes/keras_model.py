@@ -90,7 +90,7 @@ class KerasNetwork(Network):
     def __init__(self, spec, path: str):
         import tensorflow as tf
 
-        model = cut_model(spec, path)
+        self.model = model = cut_model(spec, path)  # also what `models optimize` converts
         self.input_dtype = np.dtype(spec.preprocessing.dtype)
         self._compiled = tf.function(lambda x: model(x, training=False), jit_compile=False, reduce_retracing=True,
                                      input_signature=[tf.TensorSpec((None, *spec.input_shape), self.input_dtype)])

@@ -8,7 +8,7 @@ from extractor.errors import InvalidInputError, MissingDependencyError
 from extractor.models.runtimes import ModelInfo, Network, check_cut, pool_array
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(uint8)": "uint8"}
-_INSTALL = "ONNX models need the onnx extra: pip install 'frozen-features[onnx]'"
+INSTALL_HINT = "ONNX models need the onnx extra: pip install 'frozen-features[onnx]'"
 
 
 def _onnx():
@@ -16,7 +16,7 @@ def _onnx():
         import onnx
         import onnxruntime
     except ImportError as e:
-        raise MissingDependencyError(_INSTALL) from e
+        raise MissingDependencyError(INSTALL_HINT) from e
     return onnx, onnxruntime
 
 
