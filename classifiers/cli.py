@@ -1,4 +1,4 @@
-"""The `python -m classifiers` command line: the lecture's experiments, and head comparisons on any feature set."""
+"""The `classifiers` command line (also `python -m classifiers`): the lecture's experiments, head comparisons."""
 
 from __future__ import annotations
 
@@ -11,16 +11,16 @@ from pathlib import Path
 log = logging.getLogger("classifiers")
 
 EPILOG = """examples:
-  python -m classifiers run                         # the three experiments, short default
-  python -m classifiers run --full                  # every row at the lecture's full settings (hours)
-  python -m classifiers run --experiments cifar_vgg --trials 5
-  python -m classifiers compare --train-set NAME --test-set NAME --heads linear,mlp512-tanh,logreg,knn
-  python -m classifiers train --train-set NAME --head logreg --out heads/digits   # then: extractor serve --heads heads
+  classifiers run                         # the three experiments, short default
+  classifiers run --full                  # every row at the lecture's full settings (hours)
+  classifiers run --experiments cifar_vgg --trials 5
+  classifiers compare --train-set NAME --test-set NAME --heads linear,mlp512-tanh,logreg,knn
+  classifiers train --train-set NAME --head logreg --out heads/digits   # then: extractor serve --heads heads
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m classifiers", description="Heads trained on cached features.",
+    parser = argparse.ArgumentParser(prog="classifiers", description="Heads trained on cached features.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show the log on the terminal (it is always in RUNS/<timestamp>/run.log)")

@@ -1,10 +1,11 @@
-"""The `python -m extractor` command line: models, pretrain, embed, store, serve, classify."""
+"""The `extractor` command line (also `python -m extractor`): models, pretrain, embed, store, serve, classify."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 
 from extractor.errors import ExtractorError, InvalidInputError
@@ -13,17 +14,17 @@ from extractor.model_commands import add_model_commands
 log = logging.getLogger("extractor")
 
 EPILOG = """examples:
-  python -m extractor models list
-  python -m extractor models add lite0 --file efficientnet_lite0.keras --recipe lite --cut embedding
-  python -m extractor pretrain mnist_cnn
-  python -m extractor embed --backbone vgg16 --data cifar10:test --feature-set cifar10-test
-  python -m extractor embed --backbone vgg16 --recipe caffe --input-size 64 --data folder:~/photos --feature-set photos
-  python -m extractor embed --engine ray --num-workers 4 --backbone vgg16 --data cifar10:train --feature-set c10
-  python -m extractor store info
-  python -m extractor store import --store other.sqlite ~/.cache/extractor/shards/c10/manifest.json
-  python -m extractor serve --port 50051 --backbones vgg16 --heads ~/heads
-  python -m extractor embed --remote localhost:50051 --backbone vgg16 --data npz:digits.npz --feature-set digits
-  python -m extractor classify --remote localhost:50051 --head digits-lr a.png b.png
+  extractor models list
+  extractor models add lite0 --file efficientnet_lite0.keras --recipe lite --cut embedding
+  extractor pretrain mnist_cnn
+  extractor embed --backbone vgg16 --data cifar10:test --feature-set cifar10-test
+  extractor embed --backbone vgg16 --recipe caffe --input-size 64 --data folder:~/photos --feature-set photos
+  extractor embed --engine ray --num-workers 4 --backbone vgg16 --data cifar10:train --feature-set c10
+  extractor store info
+  extractor store import --store other.sqlite ~/.cache/extractor/shards/c10/manifest.json
+  extractor serve --port 50051 --backbones vgg16 --heads ~/heads
+  extractor embed --remote localhost:50051 --backbone vgg16 --data npz:digits.npz --feature-set digits
+  extractor classify --remote localhost:50051 --head digits-lr a.png b.png
 """
 
 
@@ -78,7 +79,7 @@ def add_store_import(store_commands) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m extractor", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        prog="extractor", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Run frozen pretrained backbones once over images and keep their embeddings.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show the log on the terminal (INFO and DEBUG)")
     parser.add_argument("--data-dir", help="shared datasets and weights (env EXTRACTOR_DATA_DIR; default ../shared/data)")
@@ -372,6 +373,7 @@ def cmd_classify(args) -> int:
 
 def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, expected=(ExtractorError,)) -> int:
     """Parse, set up logging, run the chosen command; an expected error is one log line and exit code 2."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's C++ start-up notices are not for users
     from extractor.console import configure_logging
 
     args = parser.parse_args(argv)
