@@ -1,8 +1,8 @@
 """Parquet shards of a feature set, the manifest that lists them, and importing them into the store.
 
-A shard holds the rows of one range of dataset items: columns `key` binary(32), `label` int64 and
-`vector` fixed_size_list<float32>[d], with the feature set's identity in the schema metadata (the
-same layout `store export --format parquet` writes). The manifest records each finished shard with
+A shard holds the rows of one range of dataset items: columns `key` binary(32), `source` string (see
+`Dataset.source`), `label` int64, `label_name` string and `vector` fixed_size_list<float32>[d], with the
+feature set's identity in the schema metadata (the same layout `store export --format parquet` writes). The manifest records each finished shard with
 its row count, sha256 and the items it skipped, so a rerun redoes only what is missing.
 """
 
@@ -91,6 +91,7 @@ class Manifest:
     items: int
     shard_size: int
     shards: list[ShardRecord] = field(default_factory=list)
+    source_root: str = ""  # what the items' sources are relative to (see `Dataset.source`)
 
     def ranges(self) -> list[tuple[int, int]]:
         """The planned (start, stop) item range of every shard, in order."""
@@ -110,7 +111,8 @@ class Manifest:
 
     @property
     def metadata(self) -> dict[str, str]:
-        return feature_metadata(self.feature_set, self.fingerprint, self.data_spec, self.class_names, self.backbone)
+        return {**feature_metadata(self.feature_set, self.fingerprint, self.data_spec, self.class_names, self.backbone),
+                "source_root": self.source_root}
 
     def add(self, record: ShardRecord) -> None:
         self.shards = sorted([s for s in self.shards if (s.start, s.stop) != (record.start, record.stop)] + [record],
@@ -136,7 +138,7 @@ class Manifest:
                 raise InvalidInputError(f"{path}: unknown manifest format {data.get('format')!r}")
             shards = [ShardRecord(**s) for s in data["shards"]]
             return cls(data["feature_set"], data["data_spec"], data["fingerprint"], data["backbone"],
-                       data["class_names"], data["items"], data["shard_size"], shards)
+                       data["class_names"], data["items"], data["shard_size"], shards, data.get("source_root", ""))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise InvalidInputError(f"cannot read shard manifest {path}: {exc}") from None
 
