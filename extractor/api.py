@@ -39,14 +39,15 @@ def opened_store(store: StoreLike = None, *, readonly: bool = False) -> Iterator
 
 
 def backbone_spec(model, *, recipe: str | None = None, input_size: int | None = None, pooling: str | None = None,
-                  weights: str | None = None, weights_sha256: str | None = None, data_dir=None):
-    """The `BackboneSpec` of registry name `model` with these options (a `BackboneSpec` is taken as it is)."""
-    from extractor.backbones import BackboneSpec, get_backbone_spec
+                  repository: str | os.PathLike | None = None, data_dir=None):
+    """The `BackboneSpec` of model repository entry `model` (yours in `repository`, else the shipped one;
+    see `extractor models list`) with these options; a `BackboneSpec` is taken as it is."""
+    from extractor.models import BackboneSpec, get_backbone_spec
 
     if isinstance(model, BackboneSpec):
         return model
-    return get_backbone_spec(model, input_size=input_size, recipe=recipe, pooling=pooling, weights=weights,
-                             weights_sha256=weights_sha256, data_dir=data_dir)
+    return get_backbone_spec(model, input_size=input_size, recipe=recipe, pooling=pooling, repository=repository,
+                             data_dir=data_dir)
 
 
 def as_dataset(images, labels=None, class_names=None, data_dir=None) -> Dataset:
@@ -74,8 +75,8 @@ def as_dataset(images, labels=None, class_names=None, data_dir=None) -> Dataset:
 
 def embed(images, model="vgg16", *, labels=None, class_names=None, store: StoreLike = None, batch_size: int = 256,
           data_dir=None, backbone=None, **backbone_options) -> FeatureSet:
-    """Vectors of `images` (see `as_dataset`) by backbone `model` (a registry name with `recipe`,
-    `input_size`, `pooling`, ... or a `BackboneSpec`), straight to numpy: (X (n, d) float32, y (n,),
+    """Vectors of `images` (see `as_dataset`) by backbone `model` (an entry name with options `recipe`,
+    `input_size`, `pooling`, `repository` as `backbone_spec` takes them, or a `BackboneSpec`), straight to numpy: (X (n, d) float32, y (n,),
     class names), rows in the images' order. Unreadable files are skipped (and logged).
 
     Vectors come from `store` where it holds them, and what is computed is kept there for next time;
@@ -85,12 +86,14 @@ def embed(images, model="vgg16", *, labels=None, class_names=None, store: StoreL
 
     spec = backbone_spec(model, data_dir=data_dir, **backbone_options)
     dataset = as_dataset(images, labels, class_names, data_dir)
-    vectors, y = [np.empty((0, spec.output_dim), np.float32)], [np.empty(0, np.int64)]
+    vectors, y = [], []
     with opened_store(store) as opened:
         embedder = Embedder(spec, opened, backbone)
         for batch in dataset.batches(batch_size):
             vectors.append(embedder.embed([batch.pixels(j) for j in range(len(batch.images))]).vectors)
             y.append(batch.labels)
+    if not vectors:  # nothing readable: no backbone was built to tell the width, unless the entry records it
+        return np.empty((0, spec.output_dim or 0), np.float32), np.empty(0, np.int64), list(dataset.class_names)
     return np.concatenate(vectors), np.concatenate(y), list(dataset.class_names)
 
 

@@ -797,7 +797,9 @@ def _check_set_name(name: str) -> None:
         raise InvalidInputError(f"feature set name must be 1-200 printable characters, got {name!r}")
 
 
-PREPROCESSING_FIELDS = ("input_size", "channels", "recipe", "pooling", "cut")  # of a backbone's description
+# What of a backbone's description says how pixels became vectors (`recipe` in stores older than the
+# model repository, `preprocessing` since).
+PREPROCESSING_FIELDS = ("input_size", "channels", "recipe", "preprocessing", "pooling", "cut")
 
 
 def export_metadata(info: FeatureSetInfo) -> dict[str, str]:

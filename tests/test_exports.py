@@ -70,8 +70,9 @@ def test_parquet_export_joins_back_to_the_files_with_pandas(folder_feature_set, 
     assert [vector[0] for vector in joined["vector"]] == joined["red"].tolist()  # each vector is its file's
     metadata = {k.decode(): v.decode() for k, v in pq.read_schema(path).metadata.items()}
     assert metadata["fingerprint"] == spec.fingerprint and metadata["source_root"] == str(root.resolve())
-    assert json.loads(metadata["preprocessing"]) == {key: spec.describe()[key] for key in
-                                                     ("input_size", "channels", "recipe", "pooling", "cut")}
+    described = spec.describe()
+    assert json.loads(metadata["preprocessing"]) == {key: described[key] for key in
+                                                     ("input_size", "channels", "preprocessing", "pooling", "cut")}
     assert json.loads(metadata["class_names"]) == ["cat", "dog"] and metadata["external"] == "false"
 
 
