@@ -19,11 +19,11 @@ import numpy as np
 
 from classifiers.report import ExperimentResult, MethodResult, format_table
 from extractor import api as core
-from extractor.errors import InvalidInputError
+from extractor.errors import ChecksumError, InvalidInputError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Features", "TrainedHead", "compare_heads", "features", "format_table", "train_head"]
+__all__ = ["Features", "TrainedHead", "compare_heads", "export_head", "features", "format_table", "train_head"]
 
 
 @dataclass
@@ -127,3 +127,33 @@ def check_comparable(train: Features, test: Features) -> None:
                  train.name, test.name)
     if train.class_names != test.class_names:
         raise InvalidInputError(f"the sets have different classes: {train.class_names} vs {test.class_names}")
+
+
+def export_head(head_path: str | os.PathLike, out: str | os.PathLike, format: str = "keras", *,
+                backbone: str | None = None, recipe: str | None = None, input_size: int | None = None,
+                pooling: str | None = None, repository: str | os.PathLike | None = None, data_dir=None) -> Path:
+    """Write the saved head at `head_path` with its backbone and preprocessing as one model taking uint8
+    pixels (see `classifiers.deploy`), as `format` (keras, savedmodel, tflite, onnx) at `out`.
+
+    The backbone is the model repository entry whose fingerprint the head's sidecar records: `backbone`
+    (with the options it was embedded with), or else the entry at its defaults that matches."""
+    from classifiers.deploy import deployable_model, export_model
+    from classifiers.persistence import load_head, read_sidecar
+    from extractor.models import backbone_names
+
+    fingerprint = read_sidecar(head_path)["backbone_fingerprint"]
+    if not fingerprint:
+        raise InvalidInputError(f"{head_path} was trained on vectors made elsewhere: no backbone to export with it")
+    names = [backbone] if backbone else backbone_names(repository)
+    for name in names:
+        spec = core.backbone_spec(name, recipe=recipe, input_size=input_size, pooling=pooling, repository=repository,
+                                  data_dir=data_dir)
+        try:
+            matches = spec.fingerprint == fingerprint
+        except ChecksumError:  # an entry whose file is not there yet (mnist_cnn before `pretrain`)
+            continue
+        if matches:
+            return export_model(deployable_model(spec, load_head(head_path)), out, format)
+    where = f"{backbone} with these options" if backbone else "no entry at its defaults"
+    raise InvalidInputError(f"{head_path} was trained on backbone fingerprint {fingerprint[:12]}, and {where} has "
+                            "it: give --backbone and the --recipe, --input-size, --pooling it was embedded with")

@@ -16,6 +16,7 @@ EPILOG = """examples:
   classifiers run --experiments cifar_vgg --trials 5
   classifiers compare --train-set NAME --test-set NAME --heads linear,mlp512-tanh,logreg,knn
   classifiers train --train-set NAME --head logreg --out heads/digits   # then: extractor serve --heads heads
+  classifiers export --head heads/digits.joblib --out deploy/digits --format onnx   # backbone + head, on pixels
 """
 
 
@@ -67,6 +68,30 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0, help="seed of the head's initial weights and batch order "
                                                              "(default 0)")
     train.set_defaults(run=cmd_train)
+
+    export = commands.add_parser(
+        "export", help="write a saved head with its backbone as one model that runs on pixels",
+        description="Write preprocessing, the frozen backbone up to its cut and a saved head as one model: "
+                    "(n, S, S, C) uint8 pixels at the backbone's input size in, class probabilities out. Plain "
+                    "Keras, TF Serving, the TFLite interpreter or ONNX Runtime run it; `extractor models add "
+                    "NAME --file F --recipe uint8` takes the Keras file back.")
+    export.add_argument("--head", required=True, help="a head saved by `classifiers train` (.keras or .joblib)")
+    export.add_argument("--out", required=True, help="file to write (the format's suffix is added; a folder for "
+                                                     "savedmodel)")
+    export.add_argument("--format", choices=["keras", "savedmodel", "tflite", "onnx"], default="keras",
+                        help="keras (.keras), savedmodel (TF Serving), tflite, onnx (needs the onnx extra); "
+                             "default keras")
+    export.add_argument("--backbone", help="the model repository entry the head's vectors came from (default: "
+                                           "the entry at its defaults whose fingerprint the head records)")
+    export.add_argument("--recipe", help="the preprocessing preset the vectors were embedded with, if not the "
+                                         "entry's")
+    export.add_argument("--input-size", type=int, help="the input size the vectors were embedded at, if not the "
+                                                       "entry's")
+    export.add_argument("--pooling", help="the pooling the vectors were embedded with, if not the entry's")
+    export.add_argument("--model-repository", metavar="DIR", help="your model repository, searched before the "
+                                                                  "shipped one")
+    export.add_argument("--data-dir", help="shared datasets and weights (env EXTRACTOR_DATA_DIR)")
+    export.set_defaults(run=cmd_export)
     return parser
 
 
@@ -156,6 +181,16 @@ def cmd_train(args) -> int:
                              epochs=args.epochs, batch_size=args.batch_size)
     print(f"{trained.path}  ({args.head} on {args.train_set}: {len(trained.model.classes_)} classes, "
           f"training accuracy {trained.training_accuracy:.3f})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from classifiers import api
+
+    path = api.export_head(args.head, args.out, args.format, backbone=args.backbone, recipe=args.recipe,
+                           input_size=args.input_size, pooling=args.pooling, repository=args.model_repository,
+                           data_dir=args.data_dir)
+    print(path)
     return 0
 
 
