@@ -29,6 +29,7 @@ test: setup  ## the default (fast) tests
 	$(BIN)/python -m pytest -q
 
 test-ray: setup-ray  ## the Ray engine's tests (they are skipped by `make test` when Ray is absent)
+	$(BIN)/python -c "import ray"  # here a Ray that does not import is a failure, not a skip
 	$(BIN)/python -m pytest -q tests/test_ray_engine.py
 
 test-slow: setup  ## the heavy tests (full datasets, long training)

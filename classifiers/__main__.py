@@ -1,7 +1,5 @@
-import os
+"""`python -m classifiers`: the same command line as the `classifiers` console script."""
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's C++ start-up notices are not for users
-
-from classifiers.cli import main  # noqa: E402
+from classifiers.cli import main
 
 raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""The `python -m classifiers` command line: the lecture's experiments, and head comparisons on any feature set."""
+"""The `classifiers` command line (also `python -m classifiers`): the lecture's experiments, head comparisons."""
 
 from __future__ import annotations
 
@@ -11,16 +11,17 @@ from pathlib import Path
 log = logging.getLogger("classifiers")
 
 EPILOG = """examples:
-  python -m classifiers run                         # the three experiments, short default
-  python -m classifiers run --full                  # every row at the lecture's full settings (hours)
-  python -m classifiers run --experiments cifar_vgg --trials 5
-  python -m classifiers compare --train-set NAME --test-set NAME --heads linear,mlp512-tanh,logreg,knn
-  python -m classifiers train --train-set NAME --head logreg --out heads/digits   # then: extractor serve --heads heads
+  classifiers run                         # the three experiments, short default
+  classifiers run --full                  # every row at the lecture's full settings (hours)
+  classifiers run --experiments cifar_vgg --trials 5
+  classifiers compare --train-set NAME --test-set NAME --heads linear,mlp512-tanh,logreg,knn
+  classifiers train --train-set NAME --head logreg --out heads/digits   # then: extractor serve --heads heads
+  classifiers export --head heads/digits.joblib --out deploy/digits --format onnx   # backbone + head, on pixels
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m classifiers", description="Heads trained on cached features.",
+    parser = argparse.ArgumentParser(prog="classifiers", description="Heads trained on cached features.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show the log on the terminal (it is always in RUNS/<timestamp>/run.log)")
@@ -35,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--full", action="store_true",
                      help="from-scratch and classic rows at full settings too (15 trials, all epochs: hours)")
     run.add_argument("--trials", type=int, default=15, help="trials per row (default 15, as the lecture)")
-    run.add_argument("--scratch-trials", type=int, help="from-scratch trials to compute at least (default 1; --full: all; cached ones are shown too)")
+    run.add_argument("--scratch-trials", type=int,
+                     help="from-scratch trials to compute at least (default 1; --full: all; cached ones are shown too)")
     run.add_argument("--classic-epochs", type=int, help="epochs timed of the classic rows (default 1; --full: all)")
     run.add_argument("--no-beyond", action="store_true", help="only the rows that reproduce the lecture")
     run.add_argument("--data-dir", help="shared datasets and weights (env EXTRACTOR_DATA_DIR)")
@@ -44,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare = commands.add_parser("compare", help="compare heads on any two feature sets of the store",
                                   description="Train every head over the trials on cached features; print and "
                                               "write the same table, JSON and plots.")
-    compare.add_argument("--train-set", required=True, help="feature set to train on")
-    compare.add_argument("--test-set", required=True, help="feature set to test on")
+    compare.add_argument("--train-set", required=True, help="feature set to train on (see `extractor store info`)")
+    compare.add_argument("--test-set", required=True, help="feature set to test on (see `extractor store info`)")
     compare.add_argument("--heads", default="linear,mlp512-tanh,logreg",
                          help="comma-separated: KerasHead specs (linear, dropout-linear, mlp512-tanh, ...) "
                               "or logreg, knn, linear-svm, ridge")
@@ -58,13 +60,38 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Train a head on a feature set of the store and save it (with its "
                                             "backbone fingerprint, class names and sha256) where "
                                             "`extractor serve --heads DIR` finds it.")
-    train.add_argument("--train-set", required=True, help="feature set to train on")
+    train.add_argument("--train-set", required=True, help="feature set to train on (see `extractor store info`)")
     train.add_argument("--head", required=True, help="a KerasHead spec or logreg, knn, linear-svm, ridge")
     train.add_argument("--out", required=True, help="model file to write (suffix .keras or .skops is added)")
     train.add_argument("--epochs", type=int, default=100, help="epochs of Keras heads (default 100)")
     train.add_argument("--batch-size", type=int, default=4, help="batch size of Keras heads (default 4)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="seed of the head's initial weights and batch order "
+                                                             "(default 0)")
     train.set_defaults(run=cmd_train)
+
+    export = commands.add_parser(
+        "export", help="write a saved head with its backbone as one model that runs on pixels",
+        description="Write preprocessing, the frozen backbone up to its cut and a saved head as one model: "
+                    "(n, S, S, C) uint8 pixels at the backbone's input size in, class probabilities out. Plain "
+                    "Keras, TF Serving, the TFLite interpreter or ONNX Runtime run it; `extractor models add "
+                    "NAME --file F --recipe uint8` takes the Keras file back.")
+    export.add_argument("--head", required=True, help="a head saved by `classifiers train` (.keras or .joblib)")
+    export.add_argument("--out", required=True, help="file to write (the format's suffix is added; a folder for "
+                                                     "savedmodel)")
+    export.add_argument("--format", choices=["keras", "savedmodel", "tflite", "onnx"], default="keras",
+                        help="keras (.keras), savedmodel (TF Serving), tflite, onnx (needs the onnx extra); "
+                             "default keras")
+    export.add_argument("--backbone", help="the model repository entry the head's vectors came from (default: "
+                                           "the entry at its defaults whose fingerprint the head records)")
+    export.add_argument("--recipe", help="the preprocessing preset the vectors were embedded with, if not the "
+                                         "entry's")
+    export.add_argument("--input-size", type=int, help="the input size the vectors were embedded at, if not the "
+                                                       "entry's")
+    export.add_argument("--pooling", help="the pooling the vectors were embedded with, if not the entry's")
+    export.add_argument("--model-repository", metavar="DIR", help="your model repository, searched before the "
+                                                                  "shipped one")
+    export.add_argument("--data-dir", help="shared datasets and weights (env EXTRACTOR_DATA_DIR)")
+    export.set_defaults(run=cmd_export)
     return parser
 
 
@@ -131,44 +158,13 @@ def cmd_compare(args) -> int:
     from extractor.models.quiet import import_tensorflow_quietly
 
     import_tensorflow_quietly()  # before anything imports it: no start-up banners
-    import numpy as np
+    from classifiers import api
+    from classifiers.report import new_run_dir, write_report
 
-    from classifiers.baselines import fit_trials
-    from classifiers.heads import HEAD_SPECS
-    from classifiers.report import ExperimentResult, MethodResult, format_table, new_run_dir, write_report
-    from classifiers.trainer import train_trials
-    from extractor import paths
-    from extractor.errors import InvalidInputError
-    from extractor.store import EmbeddingStore
-
-    with EmbeddingStore(paths.store_path(args.store), readonly=True) as store:
-        X, y, class_names = store.load_feature_set(args.train_set)
-        X_test, y_test, test_names = store.load_feature_set(args.test_set)
-        train_info, test_info = store.feature_set(args.train_set), store.feature_set(args.test_set)
-    if train_info.fingerprint != test_info.fingerprint:
-        raise InvalidInputError(f"{args.train_set} and {args.test_set} come from different backbones "
-                                f"({train_info.fingerprint[:12]} vs {test_info.fingerprint[:12]})")
-    if class_names != test_names:
-        raise InvalidInputError(f"the sets have different classes: {class_names} vs {test_names}")
     heads = [h.strip() for h in args.heads.split(",") if h.strip()]
-    seeds = list(range(args.trials))
-    rows = []
-    for head in heads:
-        start = time.perf_counter()
-        settings = {"head": head, "trials": args.trials}
-        if head in HEAD_SPECS:
-            results = train_trials(head, np.repeat(X[None], args.trials, axis=0), np.repeat(y[None], args.trials, 0),
-                                   seeds, args.epochs, args.batch_size)
-            accuracies = [float(np.mean(r.predict(X_test) == y_test)) for r in results]
-            settings |= {"epochs": args.epochs, "batch_size": args.batch_size}
-        else:
-            fitted = fit_trials(head, [(X, y)] * len(seeds), seeds)
-            accuracies = [float(model.score(X_test, y_test)) for model in fitted]
-        rows.append(MethodResult(head, accuracies, time.perf_counter() - start, settings))
-    result = ExperimentResult("compare", f"train {args.train_set} ({len(X)}), test {args.test_set} ({len(X_test)}), "
-                              f"{X.shape[1]}-d features", rows,
-                              {"train_set": args.train_set, "test_set": args.test_set})
-    print(format_table(result))
+    result = api.compare_heads(args.train_set, args.test_set, heads, store=args.store, trials=args.trials,
+                               epochs=args.epochs, batch_size=args.batch_size)
+    print(api.format_table(result))
     run_dir = new_run_dir(Path(args.runs_dir), latest="latest-compare")  # runs/latest stays the main job's
     write_report(run_dir, [result])
     print(f"\nreport: {run_dir}/report.md (runs/latest-compare points at it)")
@@ -179,20 +175,22 @@ def cmd_train(args) -> int:
     from extractor.models.quiet import import_tensorflow_quietly
 
     import_tensorflow_quietly()  # before anything imports it: no start-up banners
-    from classifiers.baselines import make_head, single_threaded_blas
-    from classifiers.heads import HEAD_SPECS
-    from classifiers.persistence import save_head
-    from extractor import paths
-    from extractor.store import EmbeddingStore
+    from classifiers import api
 
-    with EmbeddingStore(paths.store_path(args.store), readonly=True) as store:
-        X, y, class_names = store.load_feature_set(args.train_set)
-        fingerprint = store.feature_set(args.train_set).fingerprint
-    params = {"epochs": args.epochs, "batch_size": args.batch_size} if args.head in HEAD_SPECS else {}
-    with single_threaded_blas():
-        head = make_head(args.head, random_state=args.seed, **params).fit(X, y)
-    path = save_head(head, args.out, backbone_fingerprint=fingerprint, class_names=class_names)
-    print(f"{path}  ({args.head} on {args.train_set}: {len(X)} vectors, training accuracy {head.score(X, y):.3f})")
+    trained = api.train_head(args.head, args.train_set, store=args.store, out=args.out, seed=args.seed,
+                             epochs=args.epochs, batch_size=args.batch_size)
+    print(f"{trained.path}  ({args.head} on {args.train_set}: {len(trained.model.classes_)} classes, "
+          f"training accuracy {trained.training_accuracy:.3f})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from classifiers import api
+
+    path = api.export_head(args.head, args.out, args.format, backbone=args.backbone, recipe=args.recipe,
+                           input_size=args.input_size, pooling=args.pooling, repository=args.model_repository,
+                           data_dir=args.data_dir)
+    print(path)
     return 0
 
 

@@ -131,6 +131,28 @@ def build_head_layers(spec_name: str, n_features: int, n_classes: int, seed: int
     return layers
 
 
+def inference_model(spec_name: str, weights: list[np.ndarray]):
+    """The fitted head for prediction, in stock Keras layers: saved, `keras.models.load_model` opens it in a
+    process that never imported this project. Its dropout is Keras' own, the identity at inference as
+    `StepDropout` is. `weights`: [kernel (fan_in, fan_out), bias (fan_out,)] per Dense layer, in order."""
+    import keras
+
+    spec = head_spec(spec_name)
+    layers = [keras.layers.Dropout(spec.input_dropout)] if spec.input_dropout else []
+    if spec.hidden_units:
+        layers.append(keras.layers.Dense(spec.hidden_units, activation="tanh"))
+        if spec.hidden_dropout:
+            layers.append(keras.layers.Dropout(spec.hidden_dropout))
+    layers.append(keras.layers.Dense(weights[-1].shape[0], activation="softmax"))
+    model = keras.Sequential([keras.Input((weights[0].shape[0],)), *layers])
+    dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+    if len(weights) != 2 * len(dense):
+        raise ValueError(f"head {spec_name!r} has {len(dense)} Dense layers; got {len(weights)} weight arrays")
+    for i, layer in enumerate(dense):
+        layer.set_weights(weights[2 * i:2 * i + 2])
+    return model
+
+
 def fit_in_order(model, x, y: np.ndarray, *, seed: int, epochs: int, batch_size: int, validation_data=None,
                  verbose: int = 0) -> dict[str, list[float]]:
     """`model.fit` visiting the examples in the order `epoch_permutations(seed, ...)`; returns the history.
@@ -197,7 +219,8 @@ class KerasHead(ClassifierMixin, BaseEstimator):
         self.history_ = fit_in_order(model, X, y_index.astype(np.int32), seed=seed, epochs=self.epochs,
                                      batch_size=self.batch_size, validation_data=validation_data,
                                      verbose=self.verbose)
-        self.model_ = model
+        trained = [weight for layer in model.layers if layer.trainable_weights for weight in layer.get_weights()]
+        self.model_ = inference_model(self.spec, trained)
         log.debug("trained %s head on %d examples", self.spec, len(X))
         return self
 

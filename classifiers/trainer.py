@@ -336,24 +336,12 @@ class TrialResult:
 
     def to_head(self) -> KerasHead:
         """A fitted `KerasHead` holding these weights, as `KerasHead(...).fit` would have left it."""
-        import keras
-
-        from classifiers.heads import build_head_layers
-        from classifiers.keras_training import StepDropout
+        from classifiers.heads import inference_model
 
         n_features = self.weights[0].shape[0]
         head = KerasHead(self.spec, epochs=self.params["epochs"], batch_size=self.params["batch_size"],
                          learning_rate=self.params["learning_rate"], random_state=self.seed)
-        head.model_ = keras.Sequential(
-            [keras.Input((n_features,))] + build_head_layers(self.spec, n_features, len(self.classes), self.seed)
-        )
-        weights = iter(self.weights)
-        steps = self.params["epochs"] * -(-self.params["n_examples"] // self.params["batch_size"])
-        for layer in head.model_.layers:
-            if isinstance(layer, StepDropout):
-                layer.step.assign(steps)  # as many training calls as Keras' fit would have made
-            else:
-                layer.set_weights([next(weights), next(weights)])
+        head.model_ = inference_model(self.spec, self.weights)
         head.classes_, head.n_features_in_, head.history_ = self.classes, n_features, self.history
         return head
 

@@ -1,7 +1,5 @@
-import os
+"""`python -m extractor`: the same command line as the `extractor` console script."""
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's C++ start-up notices are not for users
-
-from extractor.cli import main  # noqa: E402
+from extractor.cli import main
 
 raise SystemExit(main())

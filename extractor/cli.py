@@ -1,10 +1,11 @@
-"""The `python -m extractor` command line: models, pretrain, embed, store, serve, classify."""
+"""The `extractor` command line (also `python -m extractor`): models, pretrain, embed, store, serve, classify."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 
 from extractor.errors import ExtractorError, InvalidInputError
@@ -13,17 +14,17 @@ from extractor.model_commands import add_model_commands
 log = logging.getLogger("extractor")
 
 EPILOG = """examples:
-  python -m extractor models list
-  python -m extractor models add lite0 --file efficientnet_lite0.keras --recipe lite --cut embedding
-  python -m extractor pretrain mnist_cnn
-  python -m extractor embed --backbone vgg16 --data cifar10:test --feature-set cifar10-test
-  python -m extractor embed --backbone vgg16 --recipe caffe --input-size 64 --data folder:~/photos --feature-set photos
-  python -m extractor embed --engine ray --num-workers 4 --backbone vgg16 --data cifar10:train --feature-set c10
-  python -m extractor store info
-  python -m extractor store import --store other.sqlite ~/.cache/extractor/shards/c10/manifest.json
-  python -m extractor serve --port 50051 --backbones vgg16 --heads ~/heads
-  python -m extractor embed --remote localhost:50051 --backbone vgg16 --data npz:digits.npz --feature-set digits
-  python -m extractor classify --remote localhost:50051 --head digits-lr a.png b.png
+  extractor models list
+  extractor models add lite0 --file efficientnet_lite0.keras --recipe lite --cut embedding
+  extractor pretrain mnist_cnn
+  extractor embed --backbone vgg16 --data cifar10:test --feature-set cifar10-test
+  extractor embed --backbone vgg16 --recipe caffe --input-size 64 --data folder:~/photos --feature-set photos
+  extractor embed --engine ray --num-workers 4 --backbone vgg16 --data cifar10:train --feature-set c10
+  extractor store info
+  extractor store import --store other.sqlite ~/.cache/extractor/shards/c10/manifest.json
+  extractor serve --port 50051 --backbones vgg16 --heads ~/heads
+  extractor embed --remote localhost:50051 --backbone vgg16 --data npz:digits.npz --feature-set digits
+  extractor classify --remote localhost:50051 --head digits-lr a.png b.png
 """
 
 
@@ -66,19 +67,38 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
 
 def add_store_import(store_commands) -> None:
     action = store_commands.add_parser(
-        "import", help="load Parquet shards (a Ray job's, or an export) into the store as a feature set",
-        description="Load a shards folder or its manifest.json (each shard checked against the sha256 it "
-                    "lists), or Parquet files in order, as a feature set; vectors already stored are kept.")
-    action.add_argument("sources", nargs="+", metavar="SHARDS_OR_MANIFEST",
-                        help="a shards folder, its manifest.json, or Parquet files")
+        "import", help="bring vectors into the store as a feature set: shards, exports, or any tool's vectors",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Load a shards folder or its manifest.json (each shard checked against the sha256 it lists), "
+                    "or Parquet files\nthis project wrote, in order, as a feature set; vectors already stored are "
+                    "kept.\n\nWith --parquet or --npy: vectors made by another tool, as an external feature set "
+                    "(no backbone,\nno fingerprint) that heads, `classifiers compare` and exports use like any other.",
+        epilog="examples:\n"
+               "  extractor store import ~/.cache/extractor/shards/c10/manifest.json\n"
+               "  extractor store import --parquet clip.parquet --vector-column embedding --label-column label "
+               "--source-column path --as clip-train\n"
+               "  extractor store import --npy X.npy --labels y.npy --as colleague-train")
+    action.add_argument("sources", nargs="*", metavar="SHARDS_OR_MANIFEST",
+                        help="a shards folder, its manifest.json, or Parquet files written by this project")
     action.add_argument("--store", help="store file (env EXTRACTOR_STORE; default in the user cache)")
-    action.add_argument("--feature-set", help="name to import as (default: the name the shards record)")
+    action.add_argument("--feature-set", "--as", dest="feature_set", metavar="NAME",
+                        help="name to import as (default for shards: the name they record; required otherwise)")
+    foreign = action.add_argument_group("vectors made by another tool")
+    foreign.add_argument("--parquet", metavar="FILE", help="a Parquet file holding one vector per row")
+    foreign.add_argument("--vector-column", metavar="C", help="--parquet: the column of vectors (lists of numbers)")
+    foreign.add_argument("--label-column", metavar="L",
+                         help="--parquet: the column of labels, integers or class names (default: one class)")
+    foreign.add_argument("--source-column", metavar="S",
+                         help="--parquet: the column naming each row's file, kept for joins (default: row number)")
+    foreign.add_argument("--npy", metavar="FILE", help="a .npy file holding an (n, d) array of vectors")
+    foreign.add_argument("--labels", metavar="FILE",
+                         help="--npy: a .npy file of n labels, integers or class names (default: one class)")
     action.set_defaults(run=cmd_store_import)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m extractor", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        prog="extractor", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Run frozen pretrained backbones once over images and keep their embeddings.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show the log on the terminal (INFO and DEBUG)")
     parser.add_argument("--data-dir", help="shared datasets and weights (env EXTRACTOR_DATA_DIR; default ../shared/data)")
@@ -87,10 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_commands(commands)
 
     pretrain = commands.add_parser("pretrain", help="pretrain a source-dataset backbone (mnist_cnn)")
-    pretrain.add_argument("name", choices=["mnist_cnn"])
-    pretrain.add_argument("--epochs", type=int, default=15)
-    pretrain.add_argument("--batch-size", type=int, default=128)
-    pretrain.add_argument("--seed", type=int, default=0)
+    pretrain.add_argument("name", choices=["mnist_cnn"], help="the backbone to pretrain")
+    pretrain.add_argument("--epochs", type=int, default=15, help="training epochs (default 15, as the lecture)")
+    pretrain.add_argument("--batch-size", type=int, default=128, help="images per training step (default 128)")
+    pretrain.add_argument("--seed", type=int, default=0, help="seed of the initial weights and batch order "
+                                                                "(default 0)")
     pretrain.add_argument("--force", action="store_true", help="retrain even if a saved model exists")
     pretrain.set_defaults(run=cmd_pretrain)
 
@@ -118,21 +139,23 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (("info", "vectors, size and feature sets"),
                             ("verify", "check every page, checksum and reference; list each problem; exit 1 on any"),
                             ("repair", "copy what is intact of a damaged store into a new file"),
-                            ("export", "write a feature set as .npy files or Parquet"),
+                            ("export", "write a feature set as Parquet or .npy files that join back to its files"),
                             ("gc", "show (with --yes: delete) vectors no feature set refers to")):
         action = store_commands.add_parser(name, help=help_text)
         action.add_argument("--store", help="store file (env EXTRACTOR_STORE; default in the user cache)")
         action.set_defaults(run=cmd_store)
         if name == "export":
-            action.add_argument("--feature-set", required=True)
-            action.add_argument("--format", choices=["npy", "parquet"], default="parquet")
+            action.add_argument("--feature-set", required=True, help="the feature set to write (see `store info`)")
+            action.add_argument("--format", choices=["npy", "parquet"], default="parquet",
+                                help="parquet: one file, columns key, source, label, label_name, vector; npy: X.npy, "
+                                     "y.npy, keys.npy and rows.csv, metadata.json beside them (default parquet)")
             action.add_argument("--out", required=True, help="folder (npy) or file (parquet)")
         if name == "repair":
             action.add_argument("--out", required=True, help="the new store file to write (must not exist)")
         if name == "gc":
             action.add_argument("--yes", action="store_true", help="delete; without it gc only shows what it would")
         if name == "info":
-            action.add_argument("--json", action="store_true")
+            action.add_argument("--json", action="store_true", help="print the store's summary as JSON")
     add_store_import(store_commands)
     add_service_commands(commands)
     return parser
@@ -149,21 +172,16 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_embed(args) -> int:
-    from extractor import paths
-    from extractor.datasets import open_dataset
-    from extractor.embedder import Embedder
-    from extractor.jobs import run_embed_job
-    from extractor.store import EmbeddingStore
+    from extractor import api
 
     if uses_ray_engine(args):
         if args.remote:
             raise InvalidInputError("--remote and --engine ray are two different engines: choose one")
         return cmd_embed_ray(args)
     spec, backbone = remote_backbone(args) if args.remote else (spec_from_args(args), None)
-    dataset = open_dataset(args.data, args.data_dir)
-    with EmbeddingStore(paths.store_path(args.store)) as store:
-        summary = run_embed_job(dataset, Embedder(spec, store, backbone), args.feature_set, batch_size=args.batch_size,
-                                limit=args.limit, progress=not args.no_progress and sys.stderr.isatty())
+    summary = api.embed_to_store(args.data, spec, args.feature_set, store=args.store, batch_size=args.batch_size,
+                                 limit=args.limit, data_dir=args.data_dir, backbone=backbone,
+                                 progress=not args.no_progress and sys.stderr.isatty())
     print(json.dumps(summary.as_dict(), indent=2) if args.json else "\n".join(summary.lines()))
     return 0
 
@@ -200,19 +218,39 @@ def cmd_embed_ray(args) -> int:
 
 
 def cmd_store_import(args) -> int:
-    from extractor import paths
-    from extractor.shards import import_shards
-    from extractor.store import EmbeddingStore
+    from extractor import api
 
-    with EmbeddingStore(paths.store_path(args.store)) as store:
-        summary = import_shards(store, args.sources, args.feature_set)
+    given = [flag for flag, value in (("SHARDS_OR_MANIFEST", args.sources), ("--parquet", args.parquet),
+                                      ("--npy", args.npy)) if value]
+    if len(given) != 1:
+        raise InvalidInputError("give one of: shards (a folder, manifest.json or Parquet files), --parquet FILE, "
+                                f"--npy FILE{'; got ' + ', '.join(given) if given else ''}")
+    parquet_only = [flag for flag, value in (("--vector-column", args.vector_column),
+                                             ("--label-column", args.label_column),
+                                             ("--source-column", args.source_column)) if value]
+    if parquet_only and not args.parquet:
+        raise InvalidInputError(f"{', '.join(parquet_only)} only apply with --parquet")
+    if args.labels and not args.npy:
+        raise InvalidInputError("--labels only applies with --npy")
+    if args.sources:
+        summary = api.import_shards(args.sources, feature_set=args.feature_set, store=args.store)
+    elif not args.feature_set:
+        raise InvalidInputError("vectors from another tool need a feature set name: --as NAME")
+    elif args.parquet:
+        if not args.vector_column:
+            raise InvalidInputError("--parquet needs --vector-column: the column holding the vectors")
+        summary = api.import_parquet(args.parquet, args.feature_set, vector_column=args.vector_column,
+                                     label_column=args.label_column, source_column=args.source_column,
+                                     store=args.store)
+    else:
+        summary = api.import_npy(args.npy, args.feature_set, labels=args.labels, store=args.store)
     print("\n".join(summary.lines()))
     return 0
 
 
 def cmd_store(args) -> int:
-    from extractor import paths
-    from extractor.store import EmbeddingStore, export_feature_set, repair_store, verify_store
+    from extractor import api, paths
+    from extractor.store import EmbeddingStore, repair_store, verify_store
 
     path = paths.store_path(args.store)
     if args.store_command == "verify":  # without opening it as a store: a damaged file is a finding, not an error
@@ -231,19 +269,40 @@ def cmd_store(args) -> int:
             if args.json:
                 print(json.dumps(info, indent=2))
                 return 0
-            print(f"store    {info['path']} ({info['bytes'] / 1e6:.1f} MB)")
-            print(f"vectors  {info['vectors']}  by width {info['vectors_by_width']}")
-            for s in info["feature_sets"]:
-                state = "complete" if s["complete"] else "INCOMPLETE"
-                print(f"  {s['name']:<28}{s['count']:>8}  {state:<10} {s['backbone']} {s['fingerprint']}  "
-                      f"{s['data_spec']}" + (f"  ({s['skipped']} skipped)" if s["skipped"] else ""))
+            print("\n".join(store_info_lines(info)))
             return 0
         if args.store_command == "export":
-            for written in export_feature_set(store, args.feature_set, args.out, args.format):
+            for written in api.export_feature_set(args.feature_set, args.out, args.format, store=store):
                 print(written)
             return 0
         print("\n".join(store.gc(dry_run=not args.yes).lines()))
         return 0
+
+
+def store_info_lines(info: dict) -> list[str]:
+    """`store info` as text: the store, its vectors, and a table of its feature sets under a header."""
+    widths = ", ".join(f"{count} of width {width}" for width, count in sorted(info["vectors_by_width"].items()))
+    lines = [f"store         {info['path']} ({info['bytes'] / 1e6:.1f} MB)",
+             f"vectors       {info['vectors']}" + (f" ({widths})" if widths else ""),
+             f"feature sets  {len(info['feature_sets'])}"]
+    if not info["feature_sets"]:
+        return lines
+    header = ("feature set", "items", "state", "backbone", "fingerprint", "skipped", "data")
+    rows = [(s["name"], str(s["count"]), "complete" if s["complete"] else "INCOMPLETE", s["backbone"] or "-",
+             s["fingerprint"] or "-", str(s["skipped"]), s["data_spec"]) for s in info["feature_sets"]]
+    return lines + [""] + aligned_columns(header, rows, right_aligned={"items", "skipped"})
+
+
+def aligned_columns(header: tuple[str, ...], rows: list[tuple[str, ...]], right_aligned=frozenset()) -> list[str]:
+    """A header and rows of strings as lines of aligned columns, two spaces apart; the last column is left ragged."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells) -> str:
+        padded = [cell.rjust(width) if header[i] in right_aligned else cell.ljust(width)
+                  for i, (cell, width) in enumerate(zip(cells, widths))]
+        return "  ".join(padded[:-1] + [cells[-1]]).rstrip()
+
+    return [line(header), *(line(row) for row in rows)]
 
 
 # --- the gRPC service: serve, and the --remote side of embed and classify ------------------------------
@@ -372,6 +431,7 @@ def cmd_classify(args) -> int:
 
 def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, expected=(ExtractorError,)) -> int:
     """Parse, set up logging, run the chosen command; an expected error is one log line and exit code 2."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's C++ start-up notices are not for users
     from extractor.console import configure_logging
 
     args = parser.parse_args(argv)

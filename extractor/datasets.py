@@ -45,6 +45,7 @@ CIFAR10_FILE = "cifar10-jpeg.tar.gz"
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 MAX_CLASSES = 100_000  # labels an npz may use without naming its classes; a larger label is a broken file
 EVEN_DIGITS, ODD_DIGITS = (0, 2, 4, 6, 8), (1, 3, 5, 7, 9)
+UNLABELLED = "unlabelled"  # the one class of items given without labels
 
 # Every split's options with their defaults; a spec is made canonical by filling them in.
 SPLITS = {
@@ -98,9 +99,16 @@ class Dataset:
     load: callable
     skipped: list[SkippedImage] = field(default_factory=list)
     files: list[str] | None = None  # the file behind each item, when items are files
+    root: str = ""  # the folder or array file the items come from
+    relative_sources: list[str] | None = None  # each item's path relative to `root`, or its index in the array
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def source(self, i: int) -> str:
+        """What a feature set remembers of item i, to join its vector back to its file: the file's path
+        relative to `root` (`cat/001.jpg`), or the item's index in the array file (`17`)."""
+        return self.relative_sources[i] if self.relative_sources is not None else self.sources[i]
 
     def batches(self, batch_size: int, limit: int | None = None, threads: int = 2,
                 known_digests: Callable[[list[tuple]], dict[str, bytes]] | None = None) -> Iterator[ImageBatch]:
@@ -159,7 +167,8 @@ class Dataset:
         indices = np.asarray(indices, dtype=np.int64)
         load = self.load
         return Dataset(spec, self.class_names, self.labels[indices], [self.sources[i] for i in indices],
-                       lambda i: load(int(indices[i])), files=self.files and [self.files[i] for i in indices])
+                       lambda i: load(int(indices[i])), files=self.files and [self.files[i] for i in indices],
+                       root=self.root, relative_sources=[self.source(i) for i in indices])
 
 
 def _settled(identity: tuple[str, int, int], seconds: float = 2.0) -> bool:
@@ -302,9 +311,54 @@ def _seeded_sample(indices: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 
 def _array_dataset(spec, x, y, indices, class_names, origin) -> Dataset:
+    """Items `indices` of the images `x` (an array, or a list of arrays) with labels `y` (indexed likewise)."""
     indices = np.asarray(indices, dtype=np.int64)
     return Dataset(spec, list(class_names), np.asarray(y)[indices].astype(np.int64),
-                   [f"{origin}[{i}]" for i in indices], lambda i: canonical_pixels(x[indices[i]]))
+                   [f"{origin}[{i}]" for i in indices], lambda i: canonical_pixels(x[indices[i]]), root=origin,
+                   relative_sources=[str(i) for i in indices])
+
+
+def encode_labels(labels, n: int, class_names=None) -> tuple[np.ndarray, list[str]]:
+    """(y (n,) int64 class indices, class names) for `labels`: None (every item in one class, `unlabelled`),
+    n integer class indices (named by `class_names`, else "0", "1", ...), or n names (classes in sorted
+    order, or in the order of `class_names`)."""
+    if labels is None:
+        return np.zeros(n, np.int64), list(class_names) if class_names is not None else [UNLABELLED]
+    labels = np.asarray(labels).reshape(-1)
+    if len(labels) != n:
+        raise InvalidInputError(f"got {len(labels)} labels for {n} items")
+    if labels.dtype.kind in "iu":
+        classes = int(labels.max()) + 1 if n else 0
+        names = list(class_names) if class_names is not None else [str(c) for c in range(classes)]
+        if n and (labels.min() < 0 or classes > len(names)):
+            raise InvalidInputError(f"integer labels must lie in 0..{len(names) - 1} (one per class name), "
+                                    f"got {labels.min()}..{labels.max()}")
+        return labels.astype(np.int64), [str(name) for name in names]
+    if labels.dtype.kind not in "UO":
+        raise InvalidInputError(f"labels must be integers or class names, got {labels.dtype}")
+    text = labels.astype(str)
+    names = [str(name) for name in class_names] if class_names is not None else sorted(set(text.tolist()))
+    index = {name: i for i, name in enumerate(names)}
+    unknown = sorted(set(text.tolist()) - set(index))
+    if unknown:
+        raise InvalidInputError(f"labels {unknown[:5]} are not among the class names {names[:10]}")
+    return np.array([index[name] for name in text.tolist()], np.int64), names
+
+
+def array_dataset(images, labels=None, class_names=None) -> Dataset:
+    """Images in memory, a (n, H, W[, C]) uint8 array or a list of (H, W[, C]) uint8 arrays, as a dataset
+    (labels as `encode_labels` takes them); each item's source is its index."""
+    y, names = encode_labels(labels, len(images), class_names)
+    return _array_dataset(f"arrays:{len(images)}", images, y, np.arange(len(images)), names, "arrays")
+
+
+def file_dataset(files, labels=None, class_names=None) -> Dataset:
+    """Image files (paths, in order) as a dataset (labels as `encode_labels` takes them); each item's
+    source is its path as given."""
+    files = [str(f) for f in files]
+    y, names = encode_labels(labels, len(files), class_names)
+    return Dataset(f"files:{len(files)}", names, y, files, lambda i: read_image_file(files[i]), files=files,
+                   relative_sources=files)
 
 
 def open_npz(path: Path) -> Dataset:
@@ -336,7 +390,7 @@ def open_npz(path: Path) -> Dataset:
         raise InvalidInputError(f"{path}: class_names must list at least {classes} names, got shape {names.shape}")
     else:
         names = [str(n) for n in names]
-    return _array_dataset(f"npz:{path.resolve()}", x, y, np.arange(len(y)), names, str(path))
+    return _array_dataset(f"npz:{path.resolve()}", x, y, np.arange(len(y)), names, str(path.resolve()))
 
 
 @functools.lru_cache(maxsize=4)
@@ -359,7 +413,8 @@ def open_folder(root: Path) -> Dataset:
                 files.append(str(path))
                 labels.append(label)
     return Dataset(f"folder:{root.resolve()}", [d.name for d in class_dirs], np.asarray(labels, dtype=np.int64),
-                   files, lambda i: read_image_file(files[i]), files=files)
+                   files, lambda i: read_image_file(files[i]), files=files, root=str(root.resolve()),
+                   relative_sources=[Path(f).relative_to(root).as_posix() for f in files])
 
 
 def extract_cifar10(data_dir: Path) -> Path:

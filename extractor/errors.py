@@ -25,6 +25,21 @@ class UnknownNameError(ExtractorError, KeyError):
         return self.args[0]
 
 
+class UnknownFeatureSetError(UnknownNameError):
+    """A feature set the store does not hold; the message says how to list them and the closest, one a line."""
+
+    CLOSEST = 8
+
+    def __init__(self, name: str, known, store_path):
+        super().__init__("feature set", name, known)
+        lines = [f"unknown feature set {name!r} in {store_path}: `extractor store info --store {store_path}` lists "
+                 f"its {len(self.known)} feature sets"]
+        closest = difflib.get_close_matches(name, self.known, n=self.CLOSEST, cutoff=0.3)
+        if closest:
+            lines += ["closest:", *(f"  {candidate}" for candidate in closest)]
+        self.args = ("\n".join(lines),)
+
+
 class InvalidInputError(ExtractorError, ValueError):
     """Input that cannot be used: undecodable bytes, a wrong shape or dtype, a bad option value."""
 

@@ -84,6 +84,7 @@ def run_embed_job(dataset: Dataset, embedder: Embedder, feature_set: str, *, bat
 
     Each batch's new vectors and its items land in one transaction; a rerun after a kill recomputes
     only what is missing. Unreadable images are skipped and listed in the summary and the feature set.
+    Each item's source (see `Dataset.source`) is kept with it, so exports join back to the files.
     Image files unchanged (same size and mtime) since the store last read them are not decoded again:
     their remembered pixel digests give their keys.
     """
@@ -91,7 +92,7 @@ def run_embed_job(dataset: Dataset, embedder: Embedder, feature_set: str, *, bat
     total = len(dataset) if limit is None else min(limit, len(dataset))
     summary = EmbedSummary(feature_set, dataset.spec, spec.name, embedder.fingerprint)
     store.begin_feature_set(feature_set, fingerprint=embedder.fingerprint, backbone=spec.describe(),
-                            data_spec=dataset.spec, class_names=dataset.class_names)
+                            data_spec=dataset.spec, class_names=dataset.class_names, source_root=dataset.root)
     started = time.perf_counter()
     skipped_before = len(dataset.skipped)
     bar = _progress_bar(total, f"embed {feature_set}", progress)
@@ -99,7 +100,8 @@ def run_embed_job(dataset: Dataset, embedder: Embedder, feature_set: str, *, bat
         for batch in prefetched(dataset.batches(batch_size, limit, known_digests=store.known_file_digests)):
             resolved = embedder.resolve_digests(batch.digests, batch.pixels)
             store.append_batch(feature_set, summary.images, resolved.keys, batch.labels,
-                               resolved.new_keys, resolved.new_vectors, batch.file_digests)
+                               resolved.new_keys, resolved.new_vectors, batch.file_digests,
+                               sources=[dataset.source(i) for i in batch.indices])
             summary.images += len(batch.images)
             summary.computed += len(resolved.new_keys)
             summary.reused += len(batch.images) - len(resolved.new_keys)

@@ -61,10 +61,10 @@ def add_model_commands(commands) -> None:
     listing.add_argument("--json", action="store_true", help="print a JSON list")
     listing.set_defaults(run=cmd_models_list)
     show = actions.add_parser("show", help="one entry in full, with the layer names near its cut")
-    show.add_argument("name")
+    show.add_argument("name", help="the entry to show (see `extractor models list`)")
     show.set_defaults(run=cmd_models_show)
     check = actions.add_parser("check", help="build an entry, run sample images: output shape, images/s")
-    check.add_argument("name")
+    check.add_argument("name", help="the entry to build and run on sample images")
     check.add_argument("--images", type=int, default=64, help="sample images to time (default 64)")
     check.set_defaults(run=cmd_models_check)
     optimize = actions.add_parser(
@@ -87,7 +87,7 @@ def add_model_commands(commands) -> None:
     optimize.add_argument("--images", type=int, default=128, help="sample images measured (default 128)")
     optimize.set_defaults(run=cmd_models_optimize)
     remove = actions.add_parser("remove", help="delete an entry of your repository (and its copied file)")
-    remove.add_argument("name")
+    remove.add_argument("name", help="the entry to remove from your repository")
     remove.set_defaults(run=cmd_models_remove)
     for action in (add, listing, show, check, optimize, remove):
         action.add_argument("--model-repository", metavar="DIR",

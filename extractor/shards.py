@@ -1,8 +1,8 @@
 """Parquet shards of a feature set, the manifest that lists them, and importing them into the store.
 
-A shard holds the rows of one range of dataset items: columns `key` binary(32), `label` int64 and
-`vector` fixed_size_list<float32>[d], with the feature set's identity in the schema metadata (the
-same layout `store export --format parquet` writes). The manifest records each finished shard with
+A shard holds the rows of one range of dataset items: columns `key` binary(32), `source` string (see
+`Dataset.source`), `label` int64, `label_name` string and `vector` fixed_size_list<float32>[d], with the
+feature set's identity in the schema metadata (the same layout `store export --format parquet` writes). The manifest records each finished shard with
 its row count, sha256 and the items it skipped, so a rerun redoes only what is missing.
 """
 
@@ -38,14 +38,20 @@ def feature_metadata(feature_set: str, fingerprint: str, data_spec: str, class_n
             "data_spec": data_spec, "backbone": json.dumps(backbone, sort_keys=True)}
 
 
-def feature_table(keys: Sequence[bytes], labels: np.ndarray, vectors: np.ndarray,
-                  metadata: dict[str, str]) -> pa.Table:
-    """Keys (n,) of 32 bytes, labels (n,) and vectors (n, d) float32 as a `pyarrow.Table` with `metadata`."""
+def feature_table(keys: Sequence[bytes], labels: np.ndarray, vectors: np.ndarray, metadata: dict[str, str],
+                  sources: Sequence[str | None] | None = None, label_names: Sequence[str] | None = None) -> pa.Table:
+    """Keys (n,) of 32 bytes, labels (n,) and vectors (n, d) float32 as a `pyarrow.Table` with `metadata`;
+    with `sources` and `label_names` (n,), columns `source` and `label_name` too (what an export joins on)."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), type=pa.float32()), vectors.shape[1])
-    table = pa.table({"key": pa.array(keys, type=pa.binary(KEY_BYTES)),
-                      "label": pa.array(labels, type=pa.int64()), "vector": column})
-    return table.replace_schema_metadata(metadata)
+    columns = {"key": pa.array(keys, type=pa.binary(KEY_BYTES))}
+    if sources is not None:
+        columns["source"] = pa.array(sources, type=pa.string())
+    columns["label"] = pa.array(labels, type=pa.int64())
+    if label_names is not None:
+        columns["label_name"] = pa.array(label_names, type=pa.string())
+    columns["vector"] = column
+    return pa.table(columns).replace_schema_metadata(metadata)
 
 
 def write_feature_table(table: pa.Table, path: str | os.PathLike) -> str:
@@ -85,6 +91,7 @@ class Manifest:
     items: int
     shard_size: int
     shards: list[ShardRecord] = field(default_factory=list)
+    source_root: str = ""  # what the items' sources are relative to (see `Dataset.source`)
 
     def ranges(self) -> list[tuple[int, int]]:
         """The planned (start, stop) item range of every shard, in order."""
@@ -104,7 +111,8 @@ class Manifest:
 
     @property
     def metadata(self) -> dict[str, str]:
-        return feature_metadata(self.feature_set, self.fingerprint, self.data_spec, self.class_names, self.backbone)
+        return {**feature_metadata(self.feature_set, self.fingerprint, self.data_spec, self.class_names, self.backbone),
+                "source_root": self.source_root}
 
     def add(self, record: ShardRecord) -> None:
         self.shards = sorted([s for s in self.shards if (s.start, s.stop) != (record.start, record.stop)] + [record],
@@ -130,7 +138,7 @@ class Manifest:
                 raise InvalidInputError(f"{path}: unknown manifest format {data.get('format')!r}")
             shards = [ShardRecord(**s) for s in data["shards"]]
             return cls(data["feature_set"], data["data_spec"], data["fingerprint"], data["backbone"],
-                       data["class_names"], data["items"], data["shard_size"], shards)
+                       data["class_names"], data["items"], data["shard_size"], shards, data.get("source_root", ""))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise InvalidInputError(f"cannot read shard manifest {path}: {exc}") from None
 
@@ -190,18 +198,21 @@ def import_shards(store: EmbeddingStore, sources: Sequence[str | os.PathLike],
     name = feature_set or metadata["feature_set"]
     summary = ImportSummary(name, files=len(files), skipped=skipped)
     store.begin_feature_set(name, fingerprint=metadata["fingerprint"], backbone=json.loads(metadata["backbone"]),
-                            data_spec=metadata["data_spec"], class_names=json.loads(metadata["class_names"]))
+                            data_spec=metadata["data_spec"], class_names=json.loads(metadata["class_names"]),
+                            source_root=metadata.get("source_root", ""),
+                            external=json.loads(metadata.get("external", "false")))
     for path, expected_sha256, expected_rows in files:
         if expected_sha256 is not None and paths.file_sha256(path) != expected_sha256:
             raise ChecksumError(f"shard {path} does not match the sha256 its manifest lists: rerun the job")
         rows_before = summary.rows
-        for keys, labels, vectors in _read_rows(path, metadata["fingerprint"]):
+        for keys, labels, vectors, item_sources in _read_rows(path, metadata["fingerprint"]):
             stored = store.get_many(keys)
             first_new: dict[bytes, int] = {}
             for i, key in enumerate(keys):
                 if key not in stored:
                     first_new.setdefault(key, i)
-            store.append_batch(name, summary.rows, keys, labels, list(first_new), vectors[list(first_new.values())])
+            store.append_batch(name, summary.rows, keys, labels, list(first_new), vectors[list(first_new.values())],
+                               sources=item_sources)
             summary.rows += len(keys)
             summary.new_vectors += len(first_new)
         if expected_rows is not None and summary.rows - rows_before != expected_rows:
@@ -247,16 +258,20 @@ def _parquet_metadata(path: Path) -> dict[str, str]:
     return metadata
 
 
-def _read_rows(path: Path, fingerprint: str) -> Iterator[tuple[list[bytes], np.ndarray, np.ndarray]]:
-    """Keys, labels (n,) and vectors (n, d) float32 of a shard or export, in batches of rows."""
+def _read_rows(path: Path, fingerprint: str) -> Iterator[tuple[list[bytes], np.ndarray, np.ndarray, list | None]]:
+    """Keys, labels (n,), vectors (n, d) float32 and sources (n,) (None without a `source` column) of a
+    shard or export, in batches of rows."""
     if _parquet_metadata(path)["fingerprint"] != fingerprint:
         raise InvalidInputError(f"{path} holds vectors of another backbone than its manifest")
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=IMPORT_BATCH_ROWS, columns=["key", "label", "vector"]):
+    parquet = pq.ParquetFile(path)
+    columns = ["key", "label", "vector"] + (["source"] if "source" in parquet.schema_arrow.names else [])
+    for batch in parquet.iter_batches(batch_size=IMPORT_BATCH_ROWS, columns=columns):
         vectors = batch.column("vector")
         dim = vectors.type.list_size
         keys = batch.column("key").to_pylist()
         if any(len(key) != KEY_BYTES for key in keys):
             raise InvalidInputError(f"{path}: keys must be {KEY_BYTES} bytes")
         yield (keys, batch.column("label").to_numpy().astype(np.int64),
-               vectors.flatten().to_numpy().astype(np.float32, copy=False).reshape(len(keys), dim))
+               vectors.flatten().to_numpy().astype(np.float32, copy=False).reshape(len(keys), dim),
+               batch.column("source").to_pylist() if "source" in columns else None)
 

@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 APPLICATION_ID = 0x46455354  # "FEST": marks a SQLite file as an embedding store
 # 2: images decode as a viewer shows them (EXIF orientation, deep samples scaled, gray RGB as gray), so the
 # pixel digests that version 1 remembered for files describe other pixels and are forgotten on open.
-SCHEMA_VERSION = 2
+# 3: each item's source, a feature set's source root and external flag (columns added on open, see MIGRATIONS).
+SCHEMA_VERSION = 3
 SQLITE_HEADER = b"SQLite format 3\x00"
 QUERY_CHUNK = 500  # keys per SELECT ... IN (...), under SQLite's variable limit
 SALVAGE_CHUNK = 1024  # rows per range read by verify and repair; a range SQLite cannot read is split down to rows
@@ -54,13 +55,16 @@ CREATE TABLE IF NOT EXISTS feature_sets (
     complete    INTEGER NOT NULL DEFAULT 0,
     skipped     TEXT NOT NULL DEFAULT '[]',
     created     REAL NOT NULL,
-    updated     REAL NOT NULL
+    updated     REAL NOT NULL,
+    source_root TEXT NOT NULL DEFAULT '',
+    external    INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS feature_set_items (
     set_name TEXT NOT NULL,
     position INTEGER NOT NULL,
     key      BLOB NOT NULL,
     label    INTEGER NOT NULL,
+    source   TEXT,
     PRIMARY KEY (set_name, position)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS file_digests (
@@ -70,6 +74,14 @@ CREATE TABLE IF NOT EXISTS file_digests (
     digest   BLOB NOT NULL
 ) WITHOUT ROWID;
 """
+# Columns added by a schema version, each added to an older store when it is opened for writing; read-only,
+# an older store reads them as their defaults.
+MIGRATIONS = {
+    3: (("feature_sets", "source_root", "TEXT NOT NULL DEFAULT ''"),
+        ("feature_sets", "external", "INTEGER NOT NULL DEFAULT 0"),
+        ("feature_set_items", "source", "TEXT")),
+}
+COLUMN_DEFAULTS = {"source_root": "''", "external": "0", "source": "NULL"}
 
 
 def vector_checksum(key: bytes, blob: bytes) -> int:
@@ -129,6 +141,8 @@ class FeatureSetInfo:
     skipped: list[dict]
     created: float
     updated: float
+    source_root: str = ""   # the folder or array file that item sources are relative to
+    external: bool = False  # vectors imported from another tool: no backbone, no fingerprint
 
 
 @dataclass
@@ -193,6 +207,8 @@ class EmbeddingStore:
                 for statement in SCHEMA.replace("CREATE TABLE", "CREATE TEMP TABLE").split(";"):
                     if statement.strip():
                         self._db.execute(statement)
+            self._columns = {table: {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+                             for table in ("feature_sets", "feature_set_items")}
         except StoreError:
             self._db.close()
             raise
@@ -212,13 +228,31 @@ class EmbeddingStore:
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     self._db.execute(statement)
-            if version < SCHEMA_VERSION:
-                if app_id:
-                    self._db.execute("DELETE FROM file_digests")  # see SCHEMA_VERSION
-                self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            if app_id and version < 2:
+                self._db.execute("DELETE FROM file_digests")  # see SCHEMA_VERSION
+            self._migrate(version)
         if self._db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
             self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable against process kills
+
+    def _migrate(self, version: int) -> None:
+        """Bring a store of schema `version` up to this one, inside `_initialise`'s transaction."""
+        if version > SCHEMA_VERSION:
+            log.warning("store %s has schema %d, newer than this version's %d", self.path, version, SCHEMA_VERSION)
+            return
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            for table, column, declaration in MIGRATIONS.get(target, ()):
+                if column not in {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+        if version < SCHEMA_VERSION:
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            if version:  # 0: a new store
+                log.info("store %s: schema %d -> %d", self.path, version, SCHEMA_VERSION)
+
+    def _column(self, table: str, column: str) -> str:
+        """`column` where the store has it, else its default: a read-only store of an older schema reads as if
+        migrated."""
+        return column if column in self._columns[table] else f"{COLUMN_DEFAULTS[column]} AS {column}"
 
     def close(self) -> None:
         with self._lock:
@@ -302,32 +336,43 @@ class EmbeddingStore:
     # --- feature sets --------------------------------------------------------------------------------
 
     def begin_feature_set(self, name: str, *, fingerprint: str, backbone: dict, data_spec: str,
-                          class_names: Sequence[str]) -> None:
-        """Create or restart feature set `name`: its items are cleared and it is marked incomplete."""
+                          class_names: Sequence[str], source_root: str = "", external: bool = False) -> None:
+        """Create or restart feature set `name`: its items are cleared and it is marked incomplete.
+
+        `source_root`: the folder or array file its items' sources are relative to; `external`: vectors
+        made by another tool (an empty fingerprint)."""
         _check_set_name(name)
         now = time.time()
         with self.transaction() as db:
             db.execute("DELETE FROM feature_set_items WHERE set_name = ?", (name,))
             db.execute(
                 "INSERT INTO feature_sets (name, fingerprint, backbone, data_spec, class_names, count, complete,"
-                " skipped, created, updated) VALUES (?, ?, ?, ?, ?, 0, 0, '[]', ?, ?)"
+                " skipped, created, updated, source_root, external) VALUES (?, ?, ?, ?, ?, 0, 0, '[]', ?, ?, ?, ?)"
                 " ON CONFLICT(name) DO UPDATE SET fingerprint = excluded.fingerprint, backbone = excluded.backbone,"
                 " data_spec = excluded.data_spec, class_names = excluded.class_names, count = 0, complete = 0,"
-                " skipped = '[]', updated = excluded.updated",
+                " skipped = '[]', updated = excluded.updated, source_root = excluded.source_root,"
+                " external = excluded.external",
                 (name, fingerprint, json.dumps(backbone, sort_keys=True), data_spec, json.dumps(list(class_names)),
-                 now, now))
+                 now, now, source_root, int(external)))
 
     def append_batch(self, name: str, start: int, keys: Sequence[bytes], labels: Sequence[int],
                      new_keys: Sequence[bytes] = (), new_vectors: np.ndarray | None = None,
-                     file_digests: Sequence[tuple[str, int, int, bytes]] = ()) -> None:
-        """In one transaction: store new vectors, append items start.. of feature set `name`, and
-        remember the pixel digests of files read (path, size, mtime_ns, digest)."""
+                     file_digests: Sequence[tuple[str, int, int, bytes]] = (),
+                     sources: Sequence[str | None] | None = None) -> None:
+        """In one transaction: store new vectors, append items start.. of feature set `name` (with each
+        item's source, see `Dataset.source`), and remember the pixel digests of files read (path, size,
+        mtime_ns, digest)."""
+        sources = sources if sources is not None else [None] * len(keys)
+        if len(sources) != len(keys):
+            raise InvalidInputError(f"got {len(sources)} sources for {len(keys)} items")
         with self.transaction() as db:
             if len(new_keys):
                 self.put_many(new_keys, new_vectors, connection=db)
             db.executemany(
-                "INSERT OR REPLACE INTO feature_set_items (set_name, position, key, label) VALUES (?, ?, ?, ?)",
-                [(name, start + i, key, int(label)) for i, (key, label) in enumerate(zip(keys, labels))])
+                "INSERT OR REPLACE INTO feature_set_items (set_name, position, key, label, source)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [(name, start + i, key, int(label), source)
+                 for i, (key, label, source) in enumerate(zip(keys, labels, sources))])
             db.executemany("INSERT OR REPLACE INTO file_digests (path, size, mtime_ns, digest) VALUES (?, ?, ?, ?)",
                            file_digests)
 
@@ -357,9 +402,10 @@ class EmbeddingStore:
         with self._lock:
             rows = self._db.execute(
                 "SELECT name, fingerprint, backbone, data_spec, class_names, count, complete, skipped, created,"
-                " updated FROM feature_sets ORDER BY name").fetchall()
+                f" updated, {self._column('feature_sets', 'source_root')}, {self._column('feature_sets', 'external')}"
+                " FROM feature_sets ORDER BY name").fetchall()
         return [FeatureSetInfo(r[0], r[1], json.loads(r[2]), r[3], json.loads(r[4]), r[5], bool(r[6]),
-                               json.loads(r[7]), r[8], r[9]) for r in rows]
+                               json.loads(r[7]), r[8], r[9], r[10], bool(r[11])) for r in rows]
 
     def feature_set(self, name: str) -> FeatureSetInfo:
         for info in self.feature_sets():
@@ -374,6 +420,15 @@ class EmbeddingStore:
             rows = self._db.execute("SELECT key, label FROM feature_set_items WHERE set_name = ? ORDER BY position",
                                     (name,)).fetchall()
         return [r[0] for r in rows], np.array([r[1] for r in rows], dtype=np.int64)
+
+    @_translated
+    def feature_set_sources(self, name: str) -> list[str | None]:
+        """The source of every item of a feature set, in order (None where the store did not record it)."""
+        self.feature_set(name)
+        with self._lock:
+            rows = self._db.execute(f"SELECT {self._column('feature_set_items', 'source')} FROM feature_set_items"
+                                    " WHERE set_name = ? ORDER BY position", (name,)).fetchall()
+        return [row[0] for row in rows]
 
     @_translated
     def load_feature_set(self, name: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -742,25 +797,51 @@ def _check_set_name(name: str) -> None:
         raise InvalidInputError(f"feature set name must be 1-200 printable characters, got {name!r}")
 
 
+# What of a backbone's description says how pixels became vectors (`recipe` in stores older than the
+# model repository, `preprocessing` since).
+PREPROCESSING_FIELDS = ("input_size", "channels", "recipe", "preprocessing", "pooling", "cut")
+
+
+def export_metadata(info: FeatureSetInfo) -> dict[str, str]:
+    """What an export says of its rows (Parquet key-value metadata, or the JSON beside `.npy` files): the
+    feature set's identity (see `shards.feature_metadata`), its preprocessing, where sources are relative to."""
+    from extractor.shards import feature_metadata
+
+    preprocessing = {field: info.backbone[field] for field in PREPROCESSING_FIELDS if field in info.backbone}
+    return {**feature_metadata(info.name, info.fingerprint, info.data_spec, info.class_names, info.backbone),
+            "preprocessing": json.dumps(preprocessing, sort_keys=True), "source_root": info.source_root,
+            "external": json.dumps(info.external)}
+
+
 def export_feature_set(store: EmbeddingStore, name: str, out: str | os.PathLike, fmt: str) -> list[Path]:
-    """Write a feature set as `.npy` files (X, y, keys, class names) or one Parquet file; return paths."""
+    """Write a feature set as `.npy` files (X, y, keys) with `rows.csv` (source, label, label_name and key
+    of every row) and `metadata.json` beside them, or as one Parquet file with columns key, source, label,
+    label_name, vector and the same metadata in its schema; return the paths written."""
+    import csv
+
     X, y, class_names = store.load_feature_set(name)
     keys, _ = store.feature_set_keys(name)
+    sources = store.feature_set_sources(name)
+    metadata = export_metadata(store.feature_set(name))
+    label_names = [class_names[label] for label in y]
     out = Path(out)
     if fmt == "npy":
         out.mkdir(parents=True, exist_ok=True)
-        written = [out / "X.npy", out / "y.npy", out / "keys.npy", out / "class_names.json"]
+        written = [out / "X.npy", out / "y.npy", out / "keys.npy", out / "class_names.json", out / "rows.csv",
+                   out / "metadata.json"]
         np.save(written[0], X)
         np.save(written[1], y)
         np.save(written[2], np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), -1))
         written[3].write_text(json.dumps(class_names))
+        with open(written[4], "w", newline="") as f:
+            rows = csv.writer(f)
+            rows.writerow(["row", "source", "label", "label_name", "key"])
+            rows.writerows(zip(range(len(y)), sources, y.tolist(), label_names, (key.hex() for key in keys)))
+        written[5].write_text(json.dumps(metadata, indent=2))
         return written
     if fmt == "parquet":
-        from extractor.shards import feature_metadata, feature_table, write_feature_table
+        from extractor.shards import feature_table, write_feature_table
 
-        info = store.feature_set(name)
-        write_feature_table(feature_table(keys, y, X, feature_metadata(
-            name, info.fingerprint, info.data_spec, class_names, info.backbone)), out)
+        write_feature_table(feature_table(keys, y, X, metadata, sources=sources, label_names=label_names), out)
         return [out]
     raise UnknownNameError("export format", fmt, ["npy", "parquet"])
-

@@ -81,6 +81,9 @@ def assert_same_feature_set(actual_path, expected_path):
     assert (info.fingerprint, info.data_spec, info.backbone, info.count) == \
            (info0.fingerprint, info0.data_spec, info0.backbone, info0.count)
     assert [s["source"] for s in info.skipped] == [s["source"] for s in info0.skipped]
+    with EmbeddingStore(actual_path, readonly=True) as actual, EmbeddingStore(expected_path, readonly=True) as expected:
+        assert actual.feature_set_sources("images") == expected.feature_set_sources("images")  # exports join alike
+        assert actual.feature_set("images").source_root == expected.feature_set("images").source_root
 
 
 def test_ray_job_ends_with_the_local_jobs_feature_set(ray_job, local_store, image_folder, capsys, tmp_path):

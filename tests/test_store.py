@@ -121,7 +121,8 @@ def test_export_npy_and_parquet(tmp_path):
     assert np.array_equal(np.load(tmp_path / "npy" / "X.npy"), vectors)
     assert np.load(tmp_path / "npy" / "y.npy").tolist() == [0, 1, 0, 1, 0, 1]
     table = pq.read_table(tmp_path / "s.parquet")
-    assert table.column_names == ["key", "label", "vector"]
+    assert table.column_names == ["key", "source", "label", "label_name", "vector"]
+    assert table.column("label_name").to_pylist() == ["a", "b"] * 3
     assert np.array_equal(np.array(table.column("vector").to_pylist(), np.float32), vectors)
     assert table.column("key").to_pylist() == keys(6)
     assert b"class_names" in table.schema.metadata

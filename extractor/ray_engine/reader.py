@@ -40,24 +40,26 @@ def unpack_images(pixels, shapes: np.ndarray) -> list[np.ndarray]:
 
 
 def read_shards(shards: pa.Table, *, data_spec: str, data_dir: str | None) -> pa.Table:
-    """Rows (start, stop) -> the same rows with labels, shapes, pixels and the items skipped (JSON).
+    """Rows (start, stop) -> the same rows with labels, sources, shapes, pixels and the items skipped (JSON).
 
     Items are read by the dataset's own loader, so pixels, and therefore content keys, are those of
     the local engine; an unreadable item is recorded as skipped, as the local engine records it.
     """
     dataset = open_once(data_spec, data_dir)
-    labels, shapes, pixels, skipped = [], [], [], []
+    labels, sources, shapes, pixels, skipped = [], [], [], [], []
     for start, stop in zip(shards["start"].to_pylist(), shards["stop"].to_pylist()):
         items = dataset.subset(np.arange(start, stop), data_spec)
         batch = next(items.batches(max(stop - start, 1)), None)
         images = batch.images if batch is not None else []
         packed, sides = pack_images(images)
         labels.append(batch.labels.tolist() if batch is not None else [])
+        sources.append([items.source(i) for i in batch.indices] if batch is not None else [])
         shapes.append(sides)
         pixels.append(packed)
         skipped.append(json.dumps([asdict(s) for s in items.skipped]))
     return shards.select(["start", "stop"]).append_column(
         "labels", pa.array(labels, pa.list_(pa.int64()))).append_column(
+        "sources", pa.array(sources, pa.list_(pa.string()))).append_column(
         "shapes", pa.array(shapes, pa.list_(pa.int32()))).append_column(
         "pixels", pa.array(pixels, pa.large_binary())).append_column(
         "skipped", pa.array(skipped, pa.string()))

@@ -98,7 +98,8 @@ def run_ray_embed_job(dataset: Dataset, spec: BackboneSpec, store: EmbeddingStor
     shards_dir = Path(shards_dir)
     shards_dir.mkdir(parents=True, exist_ok=True)
     manifest = resume_manifest(shards_dir, Manifest(
-        feature_set, dataset.spec, spec.fingerprint, spec.describe(), dataset.class_names, total, options.shard_size))
+        feature_set, dataset.spec, spec.fingerprint, spec.describe(), dataset.class_names, total, options.shard_size,
+        source_root=dataset.root))
     done = {(s.start, s.stop) for s in manifest.shards}
     pending = [r for r in manifest.ranges() if r not in done]
     summary = EmbedSummary(feature_set, dataset.spec, spec.name, spec.fingerprint, reused=manifest.rows)

@@ -1,7 +1,8 @@
-"""Writer: a shard's keys, labels and vectors -> one Parquet file in the shards folder, and its record."""
+"""Writer: a shard's keys, labels, sources and vectors -> one Parquet file in the shards folder, and its record."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -21,12 +22,15 @@ def write_shards(shards: pa.Table, *, directory: str, shard_size: int, metadata:
     leaves a half shard under a real name.
     """
     records = {"start": [], "stop": [], "file": [], "rows": [], "sha256": [], "skipped": []}
+    class_names = json.loads(metadata["class_names"])
     for row in shards.to_pylist():
         keys = [row["keys"][i:i + KEY_BYTES] for i in range(0, len(row["keys"]), KEY_BYTES)]
         vectors = np.frombuffer(row["vectors"], dtype=np.float32).reshape(len(keys), row["dim"])
         name = shard_file_name(row["start"], shard_size)
-        sha256 = write_feature_table(feature_table(keys, np.asarray(row["labels"], np.int64), vectors, metadata),
-                                     Path(directory) / name)
+        labels = np.asarray(row["labels"], np.int64)
+        table = feature_table(keys, labels, vectors, metadata, sources=row["sources"],
+                              label_names=[class_names[label] for label in labels])
+        sha256 = write_feature_table(table, Path(directory) / name)
         log.info("wrote shard %s: items %d..%d, %d rows", name, row["start"], row["stop"], len(keys))
         for column, value in (("start", row["start"]), ("stop", row["stop"]), ("file", name), ("rows", len(keys)),
                               ("sha256", sha256), ("skipped", row["skipped"])):
