@@ -659,20 +659,49 @@ def _fetch(db: sqlite3.Connection, sql: str, params=()) -> list[dict]:
 
 def _rowid_rows(db: sqlite3.Connection, table: str, columns: str, problems: list[str]) -> list:
     """Every readable row of a rowid table as a tuple, read by rowid ranges; unreadable ranges reported."""
-    bounds = None
-    for source in (table, f"{table} INDEXED BY sqlite_autoindex_{table}_1"):  # the index when the table's edge is damaged
-        try:
-            bounds = db.execute(f"SELECT min(rowid), max(rowid) FROM {source}").fetchone()
-            break
-        except sqlite3.DatabaseError as exc:
-            reason = exc
-    if bounds is None:
-        problems.append(f"{table}: no row can be found ({reason})")
-        return []
-    if bounds[0] is None:
+    found_first, first = _rowid_edge(db, table, "min")
+    found_last, last = _rowid_edge(db, table, "max")
+    if not found_last:
+        problems.append(f"{table}: its last row cannot be found; rows past the last readable one are not read")
+        last = _last_readable_rowid(db, table)
+    if last is None:  # an empty table
         return []
     return _read_ranges(lambda lo, hi: db.execute(f"SELECT {columns} FROM {table} WHERE rowid BETWEEN ? AND ?",
-                                                  (lo, hi)).fetchall(), bounds[0], bounds[1], f"{table} rows", problems)
+                                                  (lo, hi)).fetchall(),
+                        first if found_first and first is not None else 1, last, f"{table} rows", problems)
+
+
+def _rowid_edge(db: sqlite3.Connection, table: str, edge: str) -> tuple[bool, int | None]:
+    """(found, min or max rowid): each from one edge of the table's b-tree (one aggregate alone reads only
+    that edge), else from its key index; found is False when both are damaged, the rowid None when empty."""
+    for source in (table, f"{table} INDEXED BY sqlite_autoindex_{table}_1"):
+        try:
+            return True, db.execute(f"SELECT {edge}(rowid) FROM {source}").fetchone()[0]
+        except sqlite3.DatabaseError:
+            continue
+    return False, None
+
+
+def _last_readable_rowid(db: sqlite3.Connection, table: str, patience: int = 16) -> int | None:
+    """Where to stop reading a table whose last row cannot be found (its right edge damaged): the last
+    readable rowid, or the end of the first unreadable chunk right after it, once `patience` chunks in a
+    row held nothing readable (gaps that gc left are skipped over)."""
+    end, probe, idle = None, 1, 0
+    while idle < patience:
+        chunk_end = probe + SALVAGE_CHUNK - 1
+        try:
+            found = db.execute(f"SELECT max(rowid) FROM {table} WHERE rowid BETWEEN ? AND ?",
+                               (probe, chunk_end)).fetchone()[0]
+        except sqlite3.DatabaseError:
+            found = None
+            if idle == 0:
+                end = chunk_end
+        if found is None:
+            idle += 1
+        else:
+            end, idle = found, 0
+        probe += SALVAGE_CHUNK
+    return end
 
 
 def _vector_rows(db: sqlite3.Connection, problems: list[str]) -> list[tuple]:
@@ -733,6 +762,11 @@ def repair_store(source: str | os.PathLike, target: str | os.PathLike) -> Repair
     problems: list[str] = []
     db = _open_raw(source)
     try:
+        try:
+            db.execute("SELECT name FROM sqlite_master").fetchall()
+        except sqlite3.DatabaseError as exc:  # page 1: the header and where every table starts
+            raise StoreDamagedError(f"nothing can be salvaged from {source}: SQLite cannot read its schema "
+                                    f"({exc})") from None
         rows = _vector_rows(db, problems)
         sets = _feature_set_rows(db, problems)
         items = {row["name"]: _feature_set_items(db, row["name"], row["count"], problems) for row in sets}

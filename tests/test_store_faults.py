@@ -2,6 +2,7 @@
 name the cause (computed vectors still come back); a damaged store is found on open, listed by `store
 verify` (exit 1, no traceback) and salvaged by `store repair`; `store gc` only shows unless told --yes."""
 
+import contextlib
 import hashlib
 import logging
 import sqlite3
@@ -187,6 +188,22 @@ def test_repair_salvages_what_is_intact_into_a_new_file(tmp_path, capsys):
         repair_store(path, tmp_path / "new.sqlite")
 
 
+def test_repair_finds_the_end_of_a_table_whose_last_page_and_index_are_damaged(tmp_path):
+    path = build_store(tmp_path / "s.sqlite", n=600, in_set=300)
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        try:
+            pages = db.execute("SELECT name, pagetype, pageno FROM dbstat WHERE name IN "
+                               "('vectors', 'sqlite_autoindex_vectors_1') ORDER BY path").fetchall()
+        except sqlite3.OperationalError:
+            pytest.skip("this SQLite has no dbstat table to find the pages")
+    last_leaf = [page for name, kind, page in pages if name == "vectors" and kind == "leaf"][-1]
+    index_root = [page for name, kind, page in pages if name != "vectors"][0]
+    damage_pages(path, [last_leaf, index_root])
+    report = repair_store(path, tmp_path / "new.sqlite")
+    assert any("last row cannot be found" in problem for problem in report.problems)
+    assert 570 < report.vectors < 600 and verify_store(tmp_path / "new.sqlite").ok
+
+
 def test_a_store_whose_digests_an_older_decoder_remembered_forgets_them(tmp_path):
     path = tmp_path / "s.sqlite"
     with EmbeddingStore(path) as store:
@@ -266,9 +283,9 @@ def test_a_store_on_a_disk_that_fills_up(small_tmpfs, figures):
     with EmbeddingStore(path) as store:
         stored = 0
         for batch in range(200):
+            rng = np.random.default_rng(batch)
             try:
-                resolved = embedder(store).embed(
-                    [np.random.default_rng(batch).integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(20)])
+                resolved = embedder(store).embed([rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(20)])
             except Exception:
                 internal += 1
                 raise
@@ -289,5 +306,6 @@ def test_a_store_on_a_disk_that_fills_up(small_tmpfs, figures):
         with EmbeddingStore(path) as store:
             store.put_many(keys(1, 9000), vectors(1, 9000))
     assert caught.value.cause == "read-only" and "mounted read-only" in str(caught.value)
-    figures.add(disk_full_writes_refused=refused, disk_full_vectors_returned=returned, internal_errors=internal)
+    figures.add(disk_full_writes_refused=refused, disk_full_vectors_returned=returned, disk_full_vectors_stored=stored,
+                internal_errors=internal)
     figures.set(disk_full_read_only_cause=caught.value.cause)
