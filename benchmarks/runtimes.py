@@ -11,7 +11,7 @@ decode, preprocess, forward, store) over CIFAR-10 100 per class (train) and a fi
 each into a fresh store; a logistic-regression probe (C swept by 5-fold CV on the training images) trained
 on the train vectors, scored on the test ones.
 
-    python benchmarks/runtimes.py [--images 256] [--rounds 5] [--embed-rounds 3] [--networks vgg16,efficientnet_lite0]
+    python benchmarks/runtimes.py [--images N] [--rounds 5] [--embed-rounds 3] [--networks vgg16,efficientnet_lite0]
 """
 
 from __future__ import annotations
@@ -27,14 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import write_results  # noqa: E402
 
-# network -> (exact Keras entry, [(runtime, precision) converted by models optimize], [shipped entries of it]).
-# ONNX Runtime's dynamic int8 is left out: its ConvInteger kernels ran VGG16 at 0.1-0.2x the Keras entry.
+# network -> (exact Keras entry, [(runtime, precision) converted by models optimize], [shipped entries of it],
+# images timed per round). ONNX Runtime's dynamic int8 is left out: its ConvInteger kernels ran VGG16 at
+# 0.1-0.2x the Keras entry.
 NETWORKS = {
     "vgg16": ("vgg16", [("keras", "bfloat16"), ("tflite", "none"), ("tflite", "float16"), ("tflite", "dynamic-int8"),
-                        ("onnx", "none")], []),
+                        ("onnx", "none")], [], 256),
     "efficientnet_lite0": ("efficientnet_lite0", [("keras", "bfloat16"), ("tflite", "none"),
                                                   ("tflite", "dynamic-int8"), ("onnx", "none")],
-                           ["efficientnet_lite0_tflite"]),
+                           ["efficientnet_lite0_tflite"], 128),
 }
 BATCH_SIZES = (32, 128)
 EMBED_VARIANTS = (("keras", "bfloat16"), ("tflite", "dynamic-int8"))  # the optimised entries held to the targets
@@ -53,7 +54,7 @@ def forward_table(network: str, repository, images: list, rounds: int) -> dict:
     from extractor.models import load_backbone
     from extractor.models.optimize import interleaved_rates, optimize_entry, vector_deviation
 
-    exact_name, conversions, shipped = NETWORKS[network]
+    exact_name, conversions, shipped, _ = NETWORKS[network]
     rows = [{"entry": exact_name, "runtime": "keras", "precision": "float32",
              "spec": repository.spec(exact_name)}]
     for runtime, precision in conversions:
@@ -189,7 +190,8 @@ def print_embed_path(table: dict, exact_name: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=256, help="CIFAR-10 test images timed per round (default 256)")
+    parser.add_argument("--images", type=int, help="CIFAR-10 test images timed per round (default 256 for VGG16, "
+                                                   "128 for EfficientNet-Lite0)")
     parser.add_argument("--rounds", type=int, default=5, help="timed forward rounds per variant (default 5)")
     parser.add_argument("--embed-rounds", type=int, default=3, help="embed-path runs per entry (default 3)")
     parser.add_argument("--networks", default=",".join(NETWORKS), help=f"of {', '.join(NETWORKS)}")
@@ -201,11 +203,11 @@ def main() -> None:
     unknown = sorted(set(networks) - set(NETWORKS))
     if unknown:
         parser.error(f"unknown network(s) {', '.join(unknown)}; known: {', '.join(NETWORKS)}")
-    images = sample_images(args.images)
     results = {"forward": {}}
     with tempfile.TemporaryDirectory(prefix="runtimes-") as scratch:
         repository = ModelRepository(Path(scratch) / "repository")
         for network in networks:
+            images = sample_images(args.images or NETWORKS[network][3])
             results["forward"][network] = forward_table(network, repository, images, args.rounds)
             print_forward(network, results["forward"][network])
         if "vgg16" in networks:
