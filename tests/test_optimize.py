@@ -62,7 +62,7 @@ def test_an_exact_conversion_gives_the_source_vectors_under_its_own_fingerprint(
     source = repository.spec("mine")
     result = optimize_entry(repository, "mine", runtime=runtime, images=_images(), sample="test images", rounds=1)
     spec = result.spec
-    assert spec.name == f"mine_{runtime}" and spec.runtime == runtime and spec.config.output_dim == 64
+    assert spec.name == f"mine_{runtime}_fp32" and spec.runtime == runtime and spec.config.output_dim == 64
     assert spec.preprocessing == source.preprocessing and spec.fingerprint != source.fingerprint
     images = _images(4, seed=1)
     np.testing.assert_allclose(_vectors(spec, images), _vectors(source, images), rtol=1e-5, atol=1e-5)

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 # runtime -> the precisions it can be converted to, the default first
 PRECISIONS = {"tflite": ("none", "float16", "dynamic-int8"), "onnx": ("none", "dynamic-int8"),
               "keras": ("bfloat16",)}
-_NAME_SUFFIX = {"none": "", "float16": "_fp16", "dynamic-int8": "_int8", "bfloat16": "_bf16"}
+_NAME_SUFFIX = {"none": "_fp32", "float16": "_fp16", "dynamic-int8": "_int8", "bfloat16": "_bf16"}
 _SUFFIX = {"tflite": ".tflite", "onnx": ".onnx", "keras": ".keras"}
 
 
@@ -50,7 +50,7 @@ def check_target(runtime: str, quantize: str | None) -> str:
 
 
 def default_name(source: BackboneSpec, runtime: str, precision: str) -> str:
-    """`vgg16` -> `vgg16_tflite_int8`, `vgg16_onnx`, `vgg16_bf16`; the input size added when not the entry's."""
+    """`vgg16` -> `vgg16_tflite_int8`, `vgg16_onnx_fp32`, `vgg16_bf16`; the input size added when not the entry's."""
     size = f"_{source.input_size}" if source.input_size != source.config.input_size else ""
     return f"{source.name}{size}{'' if runtime == 'keras' else '_' + runtime}{_NAME_SUFFIX[precision]}"
 
