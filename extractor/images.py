@@ -157,7 +157,7 @@ def _viewed_pixels(image) -> np.ndarray:
 
     image.load()
     bits, signed = _declared_depth(image)  # read before the transpose, which drops the format's tags
-    image = ImageOps.exif_transpose(image)
+    ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an image that needs no turning
     mode = image.mode
     if mode.startswith("I"):  # "I;16", "I;16B", "I;16S", "I" (32-bit, or 16-bit PNG and PGM)
         return to_8_bits(np.asarray(image), bits, signed)
