@@ -15,8 +15,8 @@ from conftest import reliability_sizes
 from extractor.cli import main
 from extractor.embedder import Embedder
 from extractor.errors import StoreDamagedError, StoreError, StoreFullError, StoreIOError
-from extractor.store import (EmbeddingStore, open_checked_store, quick_check, repair_store, store_error,
-                             verify_store)
+from extractor.store import (SCHEMA_VERSION, EmbeddingStore, open_checked_store, quick_check, repair_store,
+                             store_error, verify_store)
 
 DIM = 64
 
@@ -211,7 +211,7 @@ def test_a_store_whose_digests_an_older_decoder_remembered_forgets_them(tmp_path
         store._db.execute("PRAGMA user_version = 1")
     with EmbeddingStore(path) as store:
         assert store.known_file_digests([("/a.png", 1, 2)]) == {}
-        assert store._db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert store._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         store.append_batch("x", 0, [], [], file_digests=[("/a.png", 1, 2, b"d" * 32)])
     with EmbeddingStore(path) as store:  # the current version's digests stay
         assert store.known_file_digests([("/a.png", 1, 2)]) == {"/a.png": b"d" * 32}
