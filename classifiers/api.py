@@ -69,7 +69,7 @@ def train_head(head: str, train, *, store: core.StoreLike = None, out: str | os.
                seed: int = 0, epochs: int = 100, batch_size: int = 4) -> TrainedHead:
     """Fit head `head` (a KerasHead spec such as `linear`, `mlp512-tanh`, or `logreg`, `knn`, `linear-svm`,
     `ridge`) on `train` (see `features`); with `out`, save it there with its backbone fingerprint and class
-    names (`.keras` or `.joblib` added), where `extractor serve --heads DIR` finds it. `epochs` and
+    names (`.keras` or `.skops` added), where `extractor serve --heads DIR` finds it. `epochs` and
     `batch_size` apply to Keras heads."""
     from classifiers.baselines import make_head, single_threaded_blas
     from classifiers.heads import HEAD_SPECS

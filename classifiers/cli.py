@@ -16,7 +16,7 @@ EPILOG = """examples:
   classifiers run --experiments cifar_vgg --trials 5
   classifiers compare --train-set NAME --test-set NAME --heads linear,mlp512-tanh,logreg,knn
   classifiers train --train-set NAME --head logreg --out heads/digits   # then: extractor serve --heads heads
-  classifiers export --head heads/digits.joblib --out deploy/digits --format onnx   # backbone + head, on pixels
+  classifiers export --head heads/digits.skops --out deploy/digits --format onnx   # backbone + head, on pixels
 """
 
 
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(n, S, S, C) uint8 pixels at the backbone's input size in, class probabilities out. Plain "
                     "Keras, TF Serving, the TFLite interpreter or ONNX Runtime run it; `extractor models add "
                     "NAME --file F --recipe uint8` takes the Keras file back.")
-    export.add_argument("--head", required=True, help="a head saved by `classifiers train` (.keras or .joblib)")
+    export.add_argument("--head", required=True, help="a head saved by `classifiers train` (.keras or .skops)")
     export.add_argument("--out", required=True, help="file to write (the format's suffix is added; a folder for "
                                                      "savedmodel)")
     export.add_argument("--format", choices=["keras", "savedmodel", "tflite", "onnx"], default="keras",

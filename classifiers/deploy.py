@@ -61,8 +61,7 @@ def head_layers(head, n_features: int) -> list:
     steps = list(model.named_steps.values()) if isinstance(model, Pipeline) else [model]
     scaler = steps[0] if len(steps) == 2 and isinstance(steps[0], StandardScaler) else None
     linear = steps[-1]
-    if not isinstance(linear, LogisticRegression) and type(linear).__name__ != "LogisticRegressionCV" \
-            or len(steps) != (2 if scaler else 1):
+    if not isinstance(linear, LogisticRegression) or len(steps) != (2 if scaler else 1):  # CV is a subclass
         raise InvalidInputError(f"cannot export a {type(head).__name__} head: export takes Keras heads and "
                                 "logistic regression (logreg)")
     coef, intercept = linear.coef_.astype(np.float64), linear.intercept_.astype(np.float64)

@@ -123,5 +123,5 @@ def test_heads_that_cannot_be_exported_say_why(spec, tmp_path, caplog):
     api.import_vectors(np.random.default_rng(0).normal(size=(12, 4)), "elsewhere", labels=[0, 1] * 6, store=store)
     assert classifiers_cli.main(["--store", store, "train", "--train-set", "elsewhere", "--head", "knn",
                                  "--out", str(tmp_path / "knn")]) == 0
-    assert classifiers_cli.main(["export", "--head", str(tmp_path / "knn.joblib"), "--out", str(tmp_path / "x")]) == 2
+    assert classifiers_cli.main(["export", "--head", str(tmp_path / "knn.skops"), "--out", str(tmp_path / "x")]) == 2
     assert "trained on vectors made elsewhere" in caplog.text

@@ -54,7 +54,7 @@ def test_parquet_from_another_tool_imports_trains_and_compares(tmp_path, caplog)
     assert min(report["experiments"]["compare"]["methods"]["logreg"]["accuracies"]) > 0.9
     assert classifiers_cli.main(["--store", store, "train", "--train-set", "clip-train", "--head", "logreg",
                                  "--out", str(tmp_path / "heads" / "clip")]) == 0
-    sidecar = json.loads((tmp_path / "heads" / "clip.joblib.json").read_text())
+    sidecar = json.loads((tmp_path / "heads" / "clip.skops.json").read_text())
     assert sidecar["class_names"] == CLASSES and sidecar["backbone_fingerprint"] == ""
     api.export_feature_set("clip-train", tmp_path / "again.parquet", store=store)
     assert pq.read_table(tmp_path / "again.parquet").column("source").to_pylist() == files

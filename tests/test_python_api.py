@@ -26,7 +26,7 @@ def test_the_readme_example_runs_as_written(tmp_path, monkeypatch, capsys, data_
     namespace = {}
     exec(compile(readme_example(), "README.md", "exec"), namespace)
     printed = capsys.readouterr().out
-    assert "linear" in printed and "logreg" in printed and "heads/digits.joblib" in printed
+    assert "linear" in printed and "logreg" in printed and "heads/digits.skops" in printed
     X, y, class_names = namespace["X"], namespace["y"], namespace["class_names"]
     assert X.shape == (100, 512) and X.dtype == np.float32 and class_names == ["1", "3", "5", "7", "9"]
     assert namespace["vectors"].shape == (4, 512)
