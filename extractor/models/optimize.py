@@ -78,7 +78,7 @@ def optimize_entry(repository: ModelRepository, name: str, *, runtime: str, quan
     with tempfile.TemporaryDirectory(prefix="optimize-") as scratch:
         converted = Path(scratch) / f"{new_name}{_SUFFIX[runtime]}"
         started = time.perf_counter()
-        CONVERTERS[runtime](source_backbone.network.model, source.input_shape, precision, converted)
+        CONVERTERS[runtime](source_backbone.network.model, source, precision, converted)
         log.info("converted %s to %s (%s) in %.1f s", name, runtime, precision, time.perf_counter() - started)
         summary = f"{source.summary or name}; {runtime}" + ("" if precision == "none" else f", {precision}")
         spec = repository.add(new_name, converted, runtime=runtime, input_size=source.input_size,
@@ -136,20 +136,20 @@ def vector_deviation(reference: np.ndarray, vectors: np.ndarray) -> tuple[float,
     return max_abs, float(cosine.min(initial=1.0))
 
 
-def _saved_model(model, input_shape: tuple[int, int, int], folder: Path) -> None:
+def _input_signature(source: BackboneSpec) -> list:
+    """The converted model's one input: any batch of the source's preprocessed images."""
     import tensorflow as tf
 
-    model.export(str(folder), format="tf_saved_model", verbose=False,
-                 input_signature=[tf.TensorSpec((None, *input_shape), tf.float32, name="pixels")])
+    return [tf.TensorSpec((None, *source.input_shape), source.preprocessing.dtype, name="pixels")]
 
 
-def to_tflite(model, input_shape: tuple[int, int, int], precision: str, target: Path) -> None:
+def to_tflite(model, source: BackboneSpec, precision: str, target: Path) -> None:
     """TFLiteConverter on the model's SavedModel: float32, float16 weights, or dynamic-range int8 weights
     (activations stay float; the kernels quantize them on the fly)."""
     import tensorflow as tf
 
     saved = target.with_suffix(".savedmodel")
-    _saved_model(model, input_shape, saved)
+    model.export(str(saved), format="tf_saved_model", verbose=False, input_signature=_input_signature(source))
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved))
     if precision != "none":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -158,10 +158,8 @@ def to_tflite(model, input_shape: tuple[int, int, int], precision: str, target: 
     target.write_bytes(converter.convert())
 
 
-def to_onnx(model, input_shape: tuple[int, int, int], precision: str, target: Path) -> None:
+def to_onnx(model, source: BackboneSpec, precision: str, target: Path) -> None:
     """tf2onnx (opset 17); dynamic-int8: ONNX Runtime's dynamic quantization of the weights."""
-    import tensorflow as tf
-
     try:
         import tf2onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -170,12 +168,12 @@ def to_onnx(model, input_shape: tuple[int, int, int], precision: str, target: Pa
     float_file = target if precision == "none" else target.with_name(f"float-{target.name}")
     with contextlib.redirect_stdout(io.StringIO()):  # tf2onnx prints its progress
         tf2onnx.convert.from_keras(model, opset=17, output_path=str(float_file),
-                                   input_signature=[tf.TensorSpec((None, *input_shape), tf.float32, name="pixels")])
+                                   input_signature=_input_signature(source))
     if precision == "dynamic-int8":
         quantize_dynamic(float_file, target, weight_type=QuantType.QInt8)
 
 
-def to_mixed_bfloat16(model, input_shape: tuple[int, int, int], precision: str, target: Path) -> None:
+def to_mixed_bfloat16(model, source: BackboneSpec, precision: str, target: Path) -> None:
     """The same layers under Keras' mixed_bfloat16 policy (bfloat16 compute, float32 weights), the last
     layer in float32 so that the vectors leave as float32; saved as a `.keras` file."""
     import keras
