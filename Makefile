@@ -38,8 +38,14 @@ test-slow: setup  ## the heavy tests (full datasets, long training)
 test-reliability: setup  ## the fault, load and bad-input suite
 	$(BIN)/python -m pytest -q -m reliability
 
+OIP_PROTOS := protos/grpc_service.proto protos/model_config.proto
+
 protos: setup  ## regenerate the gRPC code beside protos/*.proto
-	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. protos/*.proto
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. $(filter-out $(OIP_PROTOS),$(wildcard protos/*.proto))
+	@# The Open Inference Protocol files compile under their published names (grpc_service.proto imports
+	@# "model_config.proto"), so their descriptors are tritonclient's and both load in one process.
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos --grpc_python_out=protos $(OIP_PROTOS)
+	sed -i -E 's/^import (model_config_pb2|grpc_service_pb2) as/from protos import \1 as/' protos/grpc_service_pb2*.py*
 
 BENCHMARKS := $(filter-out benchmarks/common.py benchmarks/__init__.py,$(wildcard benchmarks/*.py))
 
