@@ -30,7 +30,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))
 
 from extractor.models import get_backbone_spec  # noqa: E402
-from extractor.client import FeatureClient  # noqa: E402
+from extractor.serving.client import FeatureClient  # noqa: E402
 from extractor.embedder import Embedder  # noqa: E402
 from extractor.store import EmbeddingStore  # noqa: E402
 

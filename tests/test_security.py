@@ -15,7 +15,7 @@ from classifiers.persistence import save_head
 from conftest import CLASSES, fitted_head, random_images, start_server
 from extractor import paths
 from extractor.cli import build_parser
-from extractor.client import FeatureClient, RemoteError
+from extractor.serving.client import FeatureClient, RemoteError
 from extractor.errors import ChecksumError
 from extractor.store import EmbeddingStore
 from protos import feature_service_pb2 as pb
