@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from extractor.errors import ExtractorError, InvalidInputError, UnknownNameError
+from extractor.errors import ExtractorError, InvalidInputError, NotReadyError, UnknownNameError
 from extractor.serving.events import ModelUsage
 from extractor.serving.loaded_models import ModelStatus
 from extractor.serving.requests import Call, RawPixels
@@ -129,8 +129,11 @@ class InferenceModels:
             return "head"
         if name in self.service.served:
             return "backbone"
-        self.service.models.get(name)  # raises: NotReadyError when it is in the repository
-        raise UnknownNameError("model", name, [*self.service.served, *self.service.heads])
+        try:
+            status = self.service.model_status(name)
+        except UnknownNameError:
+            raise UnknownNameError("model", name, [*self.service.served, *self.service.heads]) from None
+        raise NotReadyError(f"model {name!r} is {status.state.value}" + (f": {status.reason}" if status.reason else ""))
 
     def ready(self, name: str, version: str = "") -> bool:
         try:
