@@ -18,7 +18,7 @@ from conftest import CLASSES, png, random_images, start_server
 from extractor.backbones import load_backbone
 from extractor.serving.client import FeatureClient
 from extractor.serving.loaded_models import Catalog
-from extractor.serving.rest import HttpServer, rest_app
+from extractor.serving.rest import HttpServer, metrics_app, rest_app
 from protos import grpc_service_pb2 as oip_pb
 from protos import grpc_service_pb2_grpc as oip_grpc
 
@@ -201,6 +201,8 @@ def test_rest_with_tritonclient_http_gives_the_same_embedding(http_client, own):
     assert np.array_equal(result.as_numpy("EMBEDDING"), expected)
     result = http_client.infer("lr", [pixels_input(triton_http, images)])
     assert np.array_equal(result.as_numpy("PROBABILITIES"), own.classify("lr", images).probabilities)
+    stats = http_client.get_inference_statistics("lr")["model_stats"][0]
+    assert stats["name"] == "lr" and stats["inference_stats"]["success"]["count"] >= 1
 
 
 def test_rest_json_as_curl_sends_it(served, own):
@@ -245,7 +247,6 @@ def test_rest_errors_have_their_status_and_a_json_error(served, case, status, me
     if case == "unknown model":
         url = url.replace("vgg16", "nope")
     if case == "unknown version":
-        url = url.replace("/infer", "/versions/7/infer").replace("vgg16/versions", "vgg16/versions")
         url = f"http://{served.http_url}/v2/models/vgg16/versions/7/infer"
     response = httpx.post(url, timeout=30, **requests[case])
     assert response.status_code == status and message in response.json()["error"], response.text
@@ -290,6 +291,16 @@ def test_metrics_count_exactly_the_calls_made(served, grpc_client, http_client, 
     assert after[("extractor_models_loaded", "")] == 1 and after[("extractor_store_bytes", "")] > 0
     for name in ("extractor_batch_size_count", "extractor_queue_seconds_count", "extractor_compute_seconds_count"):
         assert after[(name, '{model="vgg16"}')] >= 1
+
+
+def test_metrics_on_a_port_of_their_own(served):
+    alone = HttpServer(metrics_app(served.grpc.metrics))
+    try:
+        text = httpx.get(f"http://127.0.0.1:{alone.port}/metrics", timeout=10).text
+        assert "extractor_models_loaded 1.0" in text
+        assert httpx.get(f"http://127.0.0.1:{alone.port}/v2/health/ready", timeout=10).status_code == 404
+    finally:
+        alone.stop(1)
 
 
 def test_load_and_unload_with_tritonclient(spec, tmp_path, heads_dir):

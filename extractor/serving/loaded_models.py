@@ -11,7 +11,7 @@ from enum import Enum
 
 from extractor.models import BackboneSpec
 from extractor.embedder import Embedder
-from extractor.errors import NotReadyError, UnknownNameError
+from extractor.errors import ExtractorError, NotReadyError, UnknownNameError
 from extractor.serving.batcher import MicroBatcher
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ class LoadedModels:
             served = self.build(self.catalog.spec(name))
         except Exception as exc:
             reason = str(exc) or type(exc).__name__
-            log.error("model %s failed to load: %s", name, reason, exc_info=not isinstance(exc, NotReadyError))
+            log.error("model %s failed to load: %s", name, reason, exc_info=not isinstance(exc, ExtractorError))
             with self._lock:
                 self._status[name] = ModelStatus(name, ModelState.UNAVAILABLE, reason)
                 del self._loading[name]
