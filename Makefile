@@ -4,6 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PORT   ?= 50051
+HTTP_PORT ?= 8000
 
 .DEFAULT_GOAL := help
 .PHONY: help setup setup-ray run test test-ray test-slow test-reliability protos bench serve clean
@@ -52,8 +53,8 @@ BENCHMARKS := $(filter-out benchmarks/common.py benchmarks/__init__.py,$(wildcar
 bench: setup  ## benchmarks: ratios against the baseline measured in the same run (JSON in benchmarks/results)
 	@for script in $(BENCHMARKS); do echo "== $$script"; $(BIN)/python $$script || exit 1; done
 
-serve: setup  ## the gRPC feature service on 127.0.0.1:$(PORT)
-	$(BIN)/python -m extractor serve --port $(PORT)
+serve: setup  ## the feature service: gRPC on 127.0.0.1:$(PORT), REST and /metrics on 127.0.0.1:$(HTTP_PORT)
+	$(BIN)/python -m extractor serve --port $(PORT) --http-port $(HTTP_PORT)
 
 clean:  ## remove the virtual environment and caches in the tree
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
