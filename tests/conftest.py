@@ -1,6 +1,7 @@
 """Shared fixtures: the shared data directory, a per-session cache directory, the VGG16 spec and saved heads
 that test servers serve, and the two sizes of the reliability tests with the figures they report."""
 
+import dataclasses
 import io
 import os
 
@@ -70,6 +71,11 @@ def png(array: np.ndarray) -> bytes:
 @pytest.fixture(scope="session")
 def spec(data_dir):
     return get_backbone_spec("vgg16", data_dir=data_dir)
+
+
+def renamed(spec, name: str):
+    """The same backbone as another entry of a repository, named `name`."""
+    return dataclasses.replace(spec, config=dataclasses.replace(spec.config, name=name))
 
 
 def fitted_head(spec, head=None):

@@ -1,7 +1,6 @@
 """Run-time model control: loading one model does not stall the others, unloading lets in-flight calls finish, a
 failed load is UNAVAILABLE with its reason; over the own gRPC API too. Fake backbones: no TensorFlow."""
 
-import dataclasses
 import threading
 import time
 
@@ -9,7 +8,7 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import start_server
+from conftest import renamed, start_server
 from extractor.errors import NotReadyError, UnknownNameError
 from extractor.serving.client import FeatureClient, RemoteError
 from extractor.serving.loaded_models import Catalog, ModelLoadFailed, ModelState
@@ -40,7 +39,7 @@ class Repository:
     """A catalog of `vgg16`, `slow` (its build waits for `release`) and `broken` (its build fails)."""
 
     def __init__(self, spec):
-        self.specs = {name: dataclasses.replace(spec, name=name) for name in ("vgg16", "slow", "broken")}
+        self.specs = {name: renamed(spec, name) for name in ("vgg16", "slow", "broken")}
         self.backbones = {name: GatedBackbone(spec.output_dim) for name in self.specs}
         self.release = threading.Event()
         self.released: list[str] = []

@@ -14,8 +14,8 @@ import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
 from classifiers.persistence import load_head
-from conftest import CLASSES, png, random_images, start_server
-from extractor.backbones import load_backbone
+from conftest import CLASSES, png, random_images, renamed, start_server
+from extractor.models import load_backbone
 from extractor.serving.client import FeatureClient
 from extractor.serving.loaded_models import Catalog
 from extractor.serving.rest import HttpServer, metrics_app, rest_app
@@ -312,7 +312,7 @@ def test_load_and_unload_with_tritonclient(spec, tmp_path, heads_dir):
         return load_backbone(s)
 
     catalog = Catalog(names=lambda: ["vgg16", "broken"], spec=lambda name: spec if name == "vgg16" else
-                      type(spec)(**{**spec.__dict__, "name": "broken"}))
+                      renamed(spec, "broken"))
     served = Served(start_server(spec, tmp_path / "store.sqlite", heads_dir=heads_dir, catalog=catalog,
                                  backbone_loader=loader))
     grpc_client = triton_grpc.InferenceServerClient(served.grpc_target)
