@@ -274,21 +274,22 @@ def request_count(request) -> int:
     return len(request.images) + (request.batch.shape[0] if request.HasField("batch") else 0)
 
 
-def checked_rows(matrix: pb.Matrix, errors, count: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """The (count, dim) rows of a response, checked against its per-image errors, and which failed."""
+def checked_rows(matrix: pb.Matrix, errors, count: int, dim: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The (count, dim) rows of a response, checked against its per-image errors, and which failed. Error indices
+    count from the call's first image: `offset` is where this response's first image is (streams)."""
     assert (matrix.rows, matrix.dim) == (count, dim)
     rows = np.frombuffer(matrix.data, "<f4").reshape(count, dim)
     failed = [error.index for error in errors]
-    assert failed == sorted(set(failed)) and all(index < count for index in failed)
+    assert failed == sorted(set(failed)) and all(offset <= index < offset + count for index in failed)
     assert all(e.code in IMAGE_ERROR_CODES and e.message.startswith(f"image {e.index}: ") for e in errors), errors
     bad = np.zeros(count, dtype=bool)
-    bad[failed] = True
+    bad[[index - offset for index in failed]] = True
     assert np.isnan(rows[bad]).all() and np.isfinite(rows[~bad]).all()
     return rows, bad
 
 
 def checked_embedding(response: pb.EmbedResponse, count: int) -> None:
-    _, bad = checked_rows(response.vectors, response.errors, count, DIM)
+    _, bad = checked_rows(response.vectors, response.errors, count, DIM, response.offset)
     keys = np.frombuffer(response.keys, np.uint8).reshape(count, 32)
     assert len(response.cached) == count and not keys[bad].any()
 

@@ -9,6 +9,8 @@ import grpc
 import httpx
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
@@ -347,3 +349,26 @@ def test_load_and_unload_with_tritonclient(spec, tmp_path, heads_dir):
         grpc_client.close()
         http_client.close()
         served.stop()
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-300, 2**33) | st.floats(allow_nan=False) | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=5),
+                    max_leaves=20)
+TENSOR = st.fixed_dictionaries({"name": st.sampled_from(["PIXELS", "IMAGES", "X"]),
+                                "datatype": st.sampled_from(["UINT8", "BYTES", "FP32", "NOPE"]),
+                                "shape": st.lists(st.integers(-2, 5), max_size=5)},
+                               optional={"data": JSON, "parameters": st.fixed_dictionaries(
+                                   {"binary_data_size": st.integers(-1, 20) | JSON})})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.one_of(JSON, st.fixed_dictionaries({"inputs": st.lists(TENSOR, max_size=3)}, optional={
+    "outputs": JSON, "parameters": JSON, "id": JSON})), tail=st.binary(max_size=24), header=st.booleans())
+def test_rest_never_answers_500_to_a_clients_mistake(served, body, tail, header):
+    content = json.dumps(body).encode()
+    headers = {"Inference-Header-Content-Length": str(len(content))} if header else {}
+    for path in ("/v2/models/vgg16/infer", "/v2/models/lr/infer", "/v2/repository/index"):
+        response = httpx.post(f"http://{served.http_url}{path}", content=content + (tail if header else b""),
+                              headers=headers, timeout=30)
+        assert response.status_code in (200, 400, 404, 413), response.text
+        assert "error" in response.json() or response.status_code == 200

@@ -67,8 +67,10 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         self.service = service
         self.max_message_bytes = max_message_bytes
 
-    def _fits(self, count: int, backbone: str) -> None:
+    def _fits(self, backbone: str, images: int, batch: RawPixels | None = None) -> None:
+        """Refuse `images` and those of `batch` if their vectors would not fit one response message."""
         dim = self.service.backbone(backbone).output_dim
+        count = images + batch_size(batch)
         size = vectors_response_bytes(count, dim)
         if size > self.max_message_bytes:
             fit = vectors_per_response(self.max_message_bytes, dim)
@@ -93,7 +95,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
 
     def Embed(self, request, context):
         batch = batch_from(request)
-        self._fits(len(request.images) + batch_size(batch), request.backbone)
+        self._fits(request.backbone, len(request.images), batch)
         outcome = self.service.embed(request.backbone, images_from(request.images), batch=batch,
                                      all_or_nothing=request.all_or_nothing, call=call_from(context))
         return embed_response(outcome)
@@ -104,14 +106,15 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             for r in request_iterator:
                 backbone = r.backbone or backbone
                 batch = batch_from(r)
-                self._fits(len(r.images) + batch_size(batch), backbone)
+                self._fits(backbone, len(r.images), batch)
                 yield StreamRequest(r.backbone, images_from(r.images), r.all_or_nothing, batch)
 
         for outcome in self.service.embed_stream(requests(), call_from(context)):
             yield embed_response(outcome)
 
     def GetEmbeddings(self, request, context):
-        self._fits(len(request.keys) // KEY_BYTES, request.backbone)
+        if len(request.keys) % KEY_BYTES == 0:  # else the core refuses the keys themselves
+            self._fits(request.backbone, len(request.keys) // KEY_BYTES)
         vectors, found = self.service.get_embeddings(request.backbone, request.keys)
         return pb.GetEmbeddingsResponse(vectors=matrix(vectors), found=found.tolist())
 

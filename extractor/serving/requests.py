@@ -83,8 +83,8 @@ class ClassifyOutcome:
 
 
 def batch_size(batch: RawPixels | None) -> int:
-    """How many images a stacked batch holds by its shape (0 for none or a shapeless one)."""
-    return int(batch.shape[0]) if batch is not None and len(batch.shape) else 0
+    """How many images a stacked batch holds (0 for none), once its dtype, shape and data are checked."""
+    return len(raw_array(batch, batch=True)) if batch is not None else 0
 
 
 def raw_array(raw: RawPixels, *, batch: bool = False) -> np.ndarray:

@@ -92,13 +92,20 @@ def request_parts(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
             raise InvalidInputError(f"Inference-Header-Content-Length {header_length[:30]!r} is not a length "
                                     f"within the body of {len(body)} bytes")
         json_part, binary = body[:int(header_length)], body[int(header_length):]
-    try:
-        header = json.loads(json_part)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidInputError(f"malformed JSON: {exc}") from None
-    if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
+    header = json_object(json_part)
+    if not isinstance(header.get("inputs"), list):
         raise InvalidInputError("an inference request is a JSON object with a list of \"inputs\"")
     return header, binary
+
+
+def json_object(data: bytes) -> dict:
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise InvalidInputError(f"malformed JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidInputError(f"expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def input_tensors(header: dict, binary: bytes) -> list[Tensor]:
@@ -262,7 +269,7 @@ def rest_app(service: FeatureService, metrics: ServingMetrics | None = None, *, 
     @app.post("/v2/repository/index")
     async def repository_index(request: Request) -> list:
         body = await request.body()
-        ready_only = bool(json.loads(body).get("ready", False)) if body.strip() else False
+        ready_only = bool(json_object(body).get("ready", False)) if body.strip() else False
         return [{"name": s.name, "version": VERSION, "state": s.state.value, "reason": s.reason}
                 for s in models.repository_index(ready_only)]
 

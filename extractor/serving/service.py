@@ -21,7 +21,7 @@ from extractor.serving.heads import Head
 from extractor.serving.hot_cache import HotVectors
 from extractor.serving.loaded_models import Catalog, LoadedModels, ModelLoadFailed, ModelStatus, ServedBackbone
 from extractor.serving.requests import Call, ClassifyOutcome, EmbedOutcome, ImageInput, Limits, RawPixels, \
-    StreamRequest, at_index, batch_size, raw_array, to_pixels
+    StreamRequest, at_index, raw_array, to_pixels
 from extractor.store import EmbeddingStore
 from extractor.wire import KEY_BYTES
 
@@ -237,8 +237,8 @@ class FeatureService:
         """
         self.require_ready()
         served = self.models.get(backbone)
-        self.admit(len(images) + batch_size(batch))
         stacked = raw_array(batch, batch=True) if batch is not None else ()
+        self.admit(len(images) + len(stacked))
         served.enter()
         pending = PendingEmbed(self, served, len(images) + len(stacked), offset, call)
         try:
