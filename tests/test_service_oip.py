@@ -291,6 +291,8 @@ def test_metrics_count_exactly_the_calls_made(served, grpc_client, http_client, 
     misses = ("extractor_cache_misses_total", '{model="vgg16"}')
     assert after[misses] - before.get(misses, 0) == 2 and after[hits] - before.get(hits, 0) == 10
     assert after[("extractor_models_loaded", "")] == 1 and after[("extractor_store_bytes", "")] > 0
+    for protocol in ("grpc", "oip-grpc", "oip-http"):  # every call counted in flight has left
+        assert after[("extractor_requests_in_flight", f'{{protocol="{protocol}"}}')] == 0
     for name in ("extractor_batch_size_count", "extractor_queue_seconds_count", "extractor_compute_seconds_count"):
         assert after[(name, '{model="vgg16"}')] >= 1
 

@@ -3,6 +3,7 @@ the status table, the call guard (token, malformed messages, errors, metrics), h
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import time
@@ -111,7 +112,7 @@ def _guarded(handler: grpc.RpcMethodHandler, method: str, authorized: bool, metr
     if handler.response_streaming:
         def guarded(request, context):
             started = time.perf_counter()
-            with metrics.in_flight(protocol) if metrics else _nothing():
+            with metrics.in_flight(protocol) if metrics else contextlib.nullcontext():
                 try:
                     yield from behavior(checked(request), context)
                 except Exception as exc:
@@ -121,7 +122,7 @@ def _guarded(handler: grpc.RpcMethodHandler, method: str, authorized: bool, metr
     else:
         def guarded(request, context):
             started = time.perf_counter()
-            with metrics.in_flight(protocol) if metrics else _nothing():
+            with metrics.in_flight(protocol) if metrics else contextlib.nullcontext():
                 try:
                     return behavior(checked(request), context)
                 except Exception as exc:
@@ -132,14 +133,6 @@ def _guarded(handler: grpc.RpcMethodHandler, method: str, authorized: bool, metr
     make = getattr(grpc, f"{kind}_rpc_method_handler")
     return make(guarded, request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _abort(context: grpc.ServicerContext, method: str, error: Exception) -> None:

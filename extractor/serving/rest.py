@@ -3,6 +3,7 @@ binary tensor extension (`Inference-Header-Content-Length`), `/metrics`, the tok
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
@@ -59,12 +60,14 @@ class DoorRoute(APIRoute):
 
         async def guarded(request: Request) -> Response:
             metrics: ServingMetrics | None = request.app.state.metrics
+            counted = metrics is not None and self.path != "/metrics"
             started = time.perf_counter()
-            try:
-                response = await handler(request)
-            except Exception as exc:  # noqa: BLE001  every failure becomes a status through the table
-                response = error_response(exc)
-            if metrics is not None and self.path != "/metrics":
+            with metrics.in_flight(PROTOCOL) if counted else contextlib.nullcontext():
+                try:
+                    response = await handler(request)
+                except Exception as exc:  # noqa: BLE001  every failure becomes a status through the table
+                    response = error_response(exc)
+            if counted:
                 metrics.request_finished(request.path_params.get("name", "")[:100], PROTOCOL,
                                          str(response.status_code), time.perf_counter() - started)
             return response
