@@ -68,8 +68,9 @@ def from_values(name: str, datatype: str, shape: list[int], values: list) -> Ten
     if len(values) != count:
         raise InvalidInputError(f"input {name!r}: {len(values)} values do not fill shape {list(shape)} ({count})")
     if datatype == "BYTES":
-        return Tensor(name, datatype, list(shape),
-                      [v.encode() if isinstance(v, str) else bytes(v) for v in values])
+        if not all(isinstance(v, (str, bytes)) for v in values):
+            raise InvalidInputError(f"input {name!r}: BYTES values must be strings")
+        return Tensor(name, datatype, list(shape), [v.encode() if isinstance(v, str) else v for v in values])
     dtype = _dtype(datatype, name)
     try:
         array = np.array(values, dtype=dtype)

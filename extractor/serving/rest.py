@@ -111,6 +111,16 @@ def json_object(data: bytes) -> dict:
     return value
 
 
+def parameters_of(entry: dict) -> dict:
+    """An object's "parameters" (the protocol's extension point): a JSON object, or none."""
+    parameters = entry.get("parameters")
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, dict):
+        raise InvalidInputError(f"\"parameters\" must be a JSON object, got {type(parameters).__name__}")
+    return parameters
+
+
 def input_tensors(header: dict, binary: bytes) -> list[Tensor]:
     tensors, at = [], 0
     for entry in header["inputs"]:
@@ -119,9 +129,9 @@ def input_tensors(header: dict, binary: bytes) -> list[Tensor]:
                 or not all(isinstance(side, int) and not isinstance(side, bool) for side in entry["shape"]):
             raise InvalidInputError("each input needs a \"name\", a \"datatype\" and a \"shape\" of integers")
         name, datatype, shape = entry["name"], entry["datatype"], entry["shape"]
-        size = (entry.get("parameters") or {}).get("binary_data_size")
+        size = parameters_of(entry).get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or size < 0 or at + size > len(binary):
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0 or at + size > len(binary):
                 raise InvalidInputError(f"input {name!r}: binary_data_size {size} runs past the {len(binary)} "
                                         "bytes of binary data")
             tensors.append(from_raw(name, datatype, shape, binary[at:at + size]))
@@ -137,14 +147,14 @@ def input_tensors(header: dict, binary: bytes) -> list[Tensor]:
 
 def requested_outputs(header: dict) -> tuple[list[str] | None, dict[str, bool]]:
     """The output names asked for (None: all) and which of them go back as binary data."""
-    default_binary = bool((header.get("parameters") or {}).get("binary_data_output", False))
+    default_binary = bool(parameters_of(header).get("binary_data_output", False))
     outputs = header.get("outputs")
     if outputs is None:
         return None, {}
     if not isinstance(outputs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
                                                 for o in outputs):
         raise InvalidInputError("\"outputs\" must be a list of objects with a \"name\"")
-    binary = {o["name"]: bool((o.get("parameters") or {}).get("binary_data", default_binary)) for o in outputs}
+    binary = {o["name"]: bool(parameters_of(o).get("binary_data", default_binary)) for o in outputs}
     return [o["name"] for o in outputs], binary
 
 
@@ -265,7 +275,7 @@ def rest_app(service: FeatureService, metrics: ServingMetrics | None = None, *, 
         header, binary = request_parts(body, request.headers.get(HEADER_LENGTH))
         inputs = input_tensors(header, binary)
         requested, binary_outputs = requested_outputs(header)
-        default_binary = bool((header.get("parameters") or {}).get("binary_data_output", False))
+        default_binary = bool(parameters_of(header).get("binary_data_output", False))
         outputs = await run_in_threadpool(models.infer, name, version, inputs, requested)
         return infer_response(name, header.get("id"), outputs, lambda key: binary_outputs.get(key, default_binary))
 
