@@ -374,3 +374,28 @@ def test_rest_never_answers_500_to_a_clients_mistake(served, body, tail, header)
                               headers=headers, timeout=30)
         assert response.status_code in (200, 400, 404, 413), response.text
         assert "error" in response.json() or response.status_code == 200
+
+
+GRPC_TENSOR = st.builds(
+    lambda name, datatype, shape, values: oip_pb.ModelInferRequest.InferInputTensor(
+        name=name, datatype=datatype, shape=shape,
+        contents=oip_pb.InferTensorContents(**({"bytes_contents": values} if datatype == "BYTES" else
+                                               {"uint_contents": [v % 2**32 for v in map(len, values)]}))),
+    st.sampled_from(["PIXELS", "IMAGES", ""]), st.sampled_from(["UINT8", "BYTES", "FP32", "INT64", "?"]),
+    st.lists(st.integers(-3, 4), max_size=5), st.lists(st.binary(max_size=6), max_size=8))
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(model=st.sampled_from(["vgg16", "lr", "nope"]), inputs=st.lists(GRPC_TENSOR, max_size=2),
+       raw=st.none() | st.lists(st.binary(max_size=40), max_size=3), outputs=st.lists(st.sampled_from(
+           ["EMBEDDING", "LABEL", "X"]), max_size=2))
+def test_grpc_infer_never_answers_internal_to_a_clients_mistake(served, model, inputs, raw, outputs):
+    request = oip_pb.ModelInferRequest(
+        model_name=model, inputs=inputs, raw_input_contents=raw or [],
+        outputs=[oip_pb.ModelInferRequest.InferRequestedOutputTensor(name=name) for name in outputs])
+    with grpc.insecure_channel(served.grpc_target) as channel:
+        try:
+            oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+        except grpc.RpcError as exc:
+            assert exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+                                  grpc.StatusCode.RESOURCE_EXHAUSTED), exc.details()
