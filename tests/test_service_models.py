@@ -22,7 +22,7 @@ class GatedBackbone:
     """A vector per image from its pixels; `gate` holds every call until it is set."""
 
     def __init__(self, dim: int):
-        self.dim = dim
+        self.dim = self.output_dim = dim
         self.gate = threading.Event()
         self.gate.set()
 

@@ -131,7 +131,7 @@ def test_a_heads_probabilities_equal_classify(grpc_client, own, heads_dir):
     assert np.array_equal(result.as_numpy("PROBABILITIES"), classified.probabilities)
     assert [label.decode() for label in result.as_numpy("LABEL")] == classified.labels
     assert set(classified.labels) <= set(CLASSES)
-    expected = load_head(heads_dir / "lr.joblib").predict_proba(own.embed("vgg16", images).vectors)
+    expected = load_head(heads_dir / "lr.skops").predict_proba(own.embed("vgg16", images).vectors)
     assert np.allclose(classified.probabilities, expected, atol=1e-6)
 
 

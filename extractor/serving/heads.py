@@ -9,7 +9,7 @@ from typing import Any
 
 from extractor.errors import InvalidInputError
 
-HEAD_SUFFIXES = (".keras", ".joblib")  # how saved heads are written (see classifiers.persistence)
+HEAD_SUFFIXES = (".keras", ".skops", ".joblib")  # see classifiers.persistence, which refuses .joblib (pickles)
 
 
 @dataclass
@@ -26,7 +26,7 @@ HeadLoader = Callable[[Path], Head]
 
 
 def load_heads(directory: str | Path, loader: HeadLoader) -> dict[str, Head]:
-    """Every saved head in `directory` (files ending in .keras or .joblib), by name, each read by `loader`."""
+    """Every saved head in `directory` (files ending in .keras, .skops or .joblib), by name, each read by `loader`."""
     directory = Path(directory)
     if not directory.is_dir():
         raise InvalidInputError(f"heads directory not found: {directory}")

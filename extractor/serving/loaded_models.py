@@ -47,8 +47,9 @@ class Catalog:
 class ServedBackbone:
     """A built backbone behind its micro-batcher, counting the calls that use it so an unload can wait for them."""
 
-    def __init__(self, spec: BackboneSpec, embedder: Embedder, batcher: MicroBatcher):
+    def __init__(self, spec: BackboneSpec, embedder: Embedder, batcher: MicroBatcher, dim: int):
         self.spec, self.embedder, self.batcher = spec, embedder, batcher
+        self.dim = dim  # the built model's vector width
         self._calls = 0
         self._idle = threading.Condition()
 

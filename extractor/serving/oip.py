@@ -149,7 +149,7 @@ class InferenceModels:
         inputs = [{"name": key, "datatype": datatype, "shape": shape}
                   for key, (datatype, shape) in BACKBONE_INPUTS.items()]
         if kind == "backbone":
-            dim = self.service.backbone(name).output_dim
+            dim = self.service.output_dim(name)
             outputs = [{"name": "EMBEDDING", "datatype": "FP32", "shape": [-1, dim]}]
         else:
             classes = len(self.service.heads[name].class_names)

@@ -69,7 +69,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
 
     def _fits(self, backbone: str, images: int, batch: RawPixels | None = None) -> None:
         """Refuse `images` and those of `batch` if their vectors would not fit one response message."""
-        dim = self.service.backbone(backbone).output_dim
+        dim = self.service.output_dim(backbone)
         count = images + batch_size(batch)
         size = vectors_response_bytes(count, dim)
         if size > self.max_message_bytes:
@@ -82,7 +82,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         return pb.Backbone(
             name=spec.name, summary=spec.summary, input_size=spec.input_size, channels=spec.channels,
             recipe=spec.preprocessing.name, recipes=sorted(PRESETS), pooling=spec.pooling,
-            output_dim=spec.output_dim, fingerprint=spec.fingerprint, weights_sha256=spec.sha256 or "",
+            output_dim=self.service.output_dim(spec.name), fingerprint=spec.fingerprint, weights_sha256=spec.sha256 or "",
             limits=pb.Limits(max_images_per_request=limits.max_images_per_request,
                              max_message_bytes=self.max_message_bytes,
                              max_decoded_pixels=limits.max_decoded_pixels))

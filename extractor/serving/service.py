@@ -61,7 +61,7 @@ class PendingEmbed:
         return outcome
 
     def _result(self) -> EmbedOutcome:
-        n, dim = self.count, self.served.spec.output_dim
+        n, dim = self.count, self.served.dim
         vectors = np.full((n, dim), np.nan, dtype=np.float32)
         cached = np.zeros(n, dtype=bool)
         ok = np.zeros(n, dtype=bool)
@@ -146,10 +146,11 @@ class FeatureService:
         backbone = self.backbone_loader(spec)
         started = time.perf_counter()
         backbone.embed([np.zeros(spec.input_shape, dtype=np.uint8)])
-        log.info("backbone %s ready (%d-d, fingerprint %s, warm-up %.2f s)", spec.name, spec.output_dim,
+        log.info("backbone %s ready (%d-d, fingerprint %s, warm-up %.2f s)", spec.name, backbone.output_dim,
                  spec.fingerprint[:12], time.perf_counter() - started)
         embedder = Embedder(spec, self.store, backbone)
-        return ServedBackbone(spec, embedder, MicroBatcher(embedder, self.max_batch, self.max_wait, self.events))
+        return ServedBackbone(spec, embedder, MicroBatcher(embedder, self.max_batch, self.max_wait, self.events),
+                              backbone.output_dim)
 
     def close(self) -> None:
         """Stop accepting calls, finish queued work, close the store."""
@@ -175,6 +176,11 @@ class FeatureService:
     def backbone(self, name: str) -> BackboneSpec:
         self.require_ready()
         return self.models.get(name).spec
+
+    def output_dim(self, name: str) -> int:
+        """The width of the READY backbone `name`'s vectors, as its built model gives them."""
+        self.require_ready()
+        return self.models.get(name).dim
 
     def backbones(self) -> list[BackboneSpec]:
         self.require_ready()
@@ -294,12 +300,11 @@ class FeatureService:
         """Stored vectors by content key (KEY_BYTES each, concatenated): (n, d) float32 with NaN rows for
         keys not found, and found (n,) bool. Never computes."""
         self.require_ready()
-        spec = self.models.get(backbone).spec
+        dim = self.models.get(backbone).dim
         if len(keys) % KEY_BYTES:
             raise InvalidInputError(f"keys must be {KEY_BYTES} bytes each; got {len(keys)} bytes")
         n = len(keys) // KEY_BYTES
         self.admit(n, "keys per request")
-        dim = spec.output_dim
         key_list = [keys[i:i + KEY_BYTES] for i in range(0, len(keys), KEY_BYTES)]
         stored = self._stored(key_list)
         vectors = np.full((n, dim), np.nan, dtype=np.float32)
