@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 from extractor.errors import ExtractorError
 
@@ -12,6 +13,7 @@ log = logging.getLogger("extractor")
 
 def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, expected=(ExtractorError,)) -> int:
     """Parse, set up logging, run the chosen command; an expected error is one log line and exit code 2."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's C++ start-up notices are not for users
     from extractor.console import configure_logging
 
     args = parser.parse_args(argv)
