@@ -4,6 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PORT   ?= 50051
+HTTP_PORT ?= 8000
 
 .DEFAULT_GOAL := help
 .PHONY: help setup setup-ray run test test-ray test-slow test-reliability protos bench serve clean
@@ -38,16 +39,22 @@ test-slow: setup  ## the heavy tests (full datasets, long training)
 test-reliability: setup  ## the fault, load and bad-input suite
 	$(BIN)/python -m pytest -q -m reliability
 
+OIP_PROTOS := protos/grpc_service.proto protos/model_config.proto
+
 protos: setup  ## regenerate the gRPC code beside protos/*.proto
-	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. protos/*.proto
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. $(filter-out $(OIP_PROTOS),$(wildcard protos/*.proto))
+	@# The Open Inference Protocol files compile under their published names (grpc_service.proto imports
+	@# "model_config.proto"), so their descriptors are tritonclient's and both load in one process.
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos --grpc_python_out=protos $(OIP_PROTOS)
+	sed -i -E 's/^import (model_config_pb2|grpc_service_pb2) as/from protos import \1 as/' protos/grpc_service_pb2*.py*
 
 BENCHMARKS := $(filter-out benchmarks/common.py benchmarks/__init__.py,$(wildcard benchmarks/*.py))
 
 bench: setup  ## benchmarks: ratios against the baseline measured in the same run (JSON in benchmarks/results)
 	@for script in $(BENCHMARKS); do echo "== $$script"; $(BIN)/python $$script || exit 1; done
 
-serve: setup  ## the gRPC feature service on 127.0.0.1:$(PORT)
-	$(BIN)/python -m extractor serve --port $(PORT)
+serve: setup  ## the feature service: gRPC on 127.0.0.1:$(PORT), REST and /metrics on 127.0.0.1:$(HTTP_PORT)
+	$(BIN)/python -m extractor serve --port $(PORT) --http-port $(HTTP_PORT)
 
 clean:  ## remove the virtual environment and caches in the tree
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

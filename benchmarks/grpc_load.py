@@ -1,10 +1,12 @@
-"""gRPC load on loopback: served vs in-process embed throughput and latency, and cache-hit throughput.
+"""Served load on loopback, by protocol: served vs in-process embed throughput and latency, and cache-hit throughput.
 
-A server runs as its own process (`python -m extractor serve --port 0`, VGG16 at 32x32, 512-d) on a
-temporary store; clients are threads here. Each round measures, for the same time each: the in-process
-Embedder on 32-image calls of new images, then 1, 4 and 16 concurrent clients sending 32-image Embed
-calls of new images. Then cache hits: single 32-image Embed calls (latency), GetEmbeddings and
-EmbedStream (vectors/s). Medians over rounds are printed with their ratios and written as JSON.
+A server runs as its own process (`python -m extractor serve --port 0 --http-port 0`, VGG16 at 32x32, 512-d)
+on a temporary store; clients are threads here. Each round measures, for the same time each: the in-process
+Embedder on 32-image calls of new images, then 1, 4 and 16 concurrent clients sending 32-image calls of new
+images over each protocol: the own gRPC API (`FeatureClient.embed`), the Open Inference Protocol over gRPC
+(`tritonclient.grpc`, raw tensors) and over REST (`tritonclient.http`, the binary tensor extension). Then
+cache hits on the own API: single 32-image Embed calls (latency), GetEmbeddings and EmbedStream (vectors/s).
+Medians over rounds are printed with their ratios and written as JSON.
 
     python benchmarks/grpc_load.py [--seconds 3] [--rounds 3] [--out benchmarks/results/grpc_load.json]
 """
@@ -30,7 +32,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))
 
 from extractor.models import get_backbone_spec  # noqa: E402
-from extractor.client import FeatureClient  # noqa: E402
+from extractor.serving.client import FeatureClient  # noqa: E402
 from extractor.embedder import Embedder  # noqa: E402
 from extractor.store import EmbeddingStore  # noqa: E402
 
@@ -38,7 +40,9 @@ log = logging.getLogger("grpc_load")
 
 REQUEST_IMAGES = 32
 SIDE = 32
-TARGETS = {"served_over_in_process_at_4_plus_clients": 0.85, "cache_hit_vectors_per_s": 50_000,
+PROTOCOLS = ("grpc", "oip-grpc", "rest")
+TARGETS = {"served_over_in_process_at_4_plus_clients": 0.85, "oip_grpc_over_in_process_at_4_plus_clients": 0.85,
+           "rest_binary_over_in_process_at_4_plus_clients": 0.7, "cache_hit_vectors_per_s": 50_000,
            "cache_hit_p99_ms": 20.0}
 
 
@@ -82,7 +86,32 @@ def in_process(embedder: Embedder, images: FreshImages, seconds: float) -> dict:
             "p99_ms": percentile_ms(latencies, 99), "requests": len(latencies)}
 
 
-def served(target: str, clients: int, images: FreshImages, seconds: float) -> dict:
+def connect(protocol: str, targets: dict[str, str]):
+    """A new client of `protocol`, connected: (embed 32 new images and check the vectors, close)."""
+    if protocol == "grpc":
+        client = FeatureClient(targets["grpc"], timeout=120)
+        client.limits()
+
+        def embed(batch: np.ndarray) -> None:
+            result = client.embed("vgg16", batch)
+            assert not result.errors and not result.cached.any()
+        return embed, client.close
+    if protocol == "oip-grpc":
+        import tritonclient.grpc as triton
+        client = triton.InferenceServerClient(targets["grpc"])
+    else:
+        import tritonclient.http as triton
+        client = triton.InferenceServerClient(targets["http"], network_timeout=120)
+    assert client.is_model_ready("vgg16")
+
+    def infer(batch: np.ndarray) -> None:
+        pixels = triton.InferInput("PIXELS", list(batch.shape), "UINT8")
+        pixels.set_data_from_numpy(batch)
+        assert client.infer("vgg16", [pixels]).as_numpy("EMBEDDING").shape == (len(batch), 512)
+    return infer, client.close
+
+
+def served(targets: dict[str, str], protocol: str, clients: int, images: FreshImages, seconds: float) -> dict:
     latencies: list[float] = []
     counts = [0] * clients
     start = threading.Barrier(clients + 1)
@@ -90,16 +119,17 @@ def served(target: str, clients: int, images: FreshImages, seconds: float) -> di
 
     def run(i: int) -> None:
         stream = images.stream()
-        with FeatureClient(target, timeout=120) as client:
-            client.limits()  # connect before the clock starts
+        embed, close = connect(protocol, targets)  # connect before the clock starts
+        try:
             start.wait()
             while time.perf_counter() < stop_at[0]:
                 batch = next(stream)
                 t0 = time.perf_counter()
-                result = client.embed("vgg16", batch)
+                embed(batch)
                 latencies.append(time.perf_counter() - t0)
-                assert not result.errors and not result.cached.any()
                 counts[i] += len(batch)
+        finally:
+            close()
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
     for thread in threads:
@@ -144,15 +174,17 @@ def cache_hits(target: str, images: np.ndarray, seconds: float) -> dict:
             "embed_stream_vectors_per_s": stream, "distinct_vectors": len(keys)}
 
 
-def start_server(store: Path) -> tuple[subprocess.Popen, str]:
+def start_server(store: Path) -> tuple[subprocess.Popen, dict[str, str]]:
+    """The server process and its addresses: {"grpc": HOST:PORT, "http": HOST:PORT}."""
     server = subprocess.Popen(
-        [sys.executable, "-m", "extractor", "serve", "--port", "0", "--store", str(store), "--backbones", "vgg16"],
+        [sys.executable, "-m", "extractor", "serve", "--port", "0", "--http-port", "0", "--store", str(store),
+         "--backbones", "vgg16"],
         cwd=PROJECT_ROOT, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}, stdout=subprocess.PIPE, text=True)
-    line = server.stdout.readline()
-    if not line.startswith("listening on "):
+    lines = [server.stdout.readline(), server.stdout.readline()]
+    if not lines[0].startswith("listening on ") or not lines[1].startswith("http on "):
         server.kill()
-        raise SystemExit(f"server did not start: {line!r}")
-    return server, line.split()[-1]
+        raise SystemExit(f"server did not start: {lines!r}")
+    return server, {"grpc": lines[0].split()[-1], "http": lines[1].split()[-1]}
 
 
 def median_of(rounds: list[dict], *path: str) -> float:
@@ -175,7 +207,8 @@ def main() -> int:
     client_counts = [int(c) for c in args.clients.split(",")]
 
     with tempfile.TemporaryDirectory() as tmp:
-        server, target = start_server(Path(tmp) / "served.sqlite")
+        server, targets = start_server(Path(tmp) / "served.sqlite")
+        target = targets["grpc"]
         try:
             with FeatureClient(target) as client:
                 client.wait_until_serving(timeout=300)
@@ -187,10 +220,12 @@ def main() -> int:
                 embedder.embed(list(next(images.stream(served=False))))  # build and trace outside the clock
                 for r in range(args.rounds):
                     entry = {"in_process": in_process(embedder, images, args.seconds)}
-                    for clients in client_counts:
-                        entry[f"clients_{clients}"] = served(target, clients, images, args.seconds)
-                    entry["ratios"] = {f"clients_{c}": entry[f"clients_{c}"]["images_per_s"]
-                                       / entry["in_process"]["images_per_s"] for c in client_counts}
+                    for protocol in PROTOCOLS:
+                        for clients in client_counts:
+                            entry[f"{protocol}_clients_{clients}"] = served(targets, protocol, clients, images,
+                                                                            args.seconds)
+                    entry["ratios"] = {f"{p}_clients_{c}": entry[f"{p}_clients_{c}"]["images_per_s"]
+                                       / entry["in_process"]["images_per_s"] for p in PROTOCOLS for c in client_counts}
                     log.info("round %d: %s", r + 1, json.dumps(entry))
                     rounds.append(entry)
             hits = [cache_hits(target, np.stack(images.kept), args.seconds) for _ in range(args.rounds)]
@@ -200,9 +235,11 @@ def main() -> int:
 
     summary = {
         "in_process_images_per_s": median_of(rounds, "in_process", "images_per_s"),
-        **{f"clients_{c}": {key: median_of(rounds, f"clients_{c}", key) for key in ("images_per_s", "p50_ms", "p99_ms")}
-           for c in client_counts},
-        "served_over_in_process": {f"clients_{c}": median_of(rounds, "ratios", f"clients_{c}") for c in client_counts},
+        **{f"{p}_clients_{c}": {key: median_of(rounds, f"{p}_clients_{c}", key)
+                                for key in ("images_per_s", "p50_ms", "p99_ms")}
+           for p in PROTOCOLS for c in client_counts},
+        "served_over_in_process": {f"{p}_clients_{c}": median_of(rounds, "ratios", f"{p}_clients_{c}")
+                                   for p in PROTOCOLS for c in client_counts},
         "cache_hits": {
             "embed_32_p50_ms": median_of(hits, "embed_32_hits", "p50_ms"),
             "embed_32_p99_ms": median_of(hits, "embed_32_hits", "p99_ms"),
@@ -218,10 +255,14 @@ def main() -> int:
     Path(args.out).write_text(json.dumps(report, indent=2))
 
     print(f"in-process embed (32-image calls): {summary['in_process_images_per_s']:.0f} images/s")
+    print(f"{'clients':>7}  " + "  ".join(f"{p:>30}" for p in PROTOCOLS))
     for c in client_counts:
-        s = summary[f"clients_{c}"]
-        print(f"{c:>2} client(s): {s['images_per_s']:7.0f} images/s  p50 {s['p50_ms']:7.1f} ms  p99 {s['p99_ms']:7.1f} ms"
-              f"  x{summary['served_over_in_process'][f'clients_{c}']:.2f} of in-process")
+        cells = []
+        for p in PROTOCOLS:
+            s = summary[f"{p}_clients_{c}"]
+            cells.append(f"{s['images_per_s']:6.0f}/s p99 {s['p99_ms']:6.1f} ms "
+                         f"x{summary['served_over_in_process'][f'{p}_clients_{c}']:.2f}")
+        print(f"{c:>7}  " + "  ".join(f"{cell:>30}" for cell in cells))
     h = summary["cache_hits"]
     print(f"cache hits: 32-image Embed p50 {h['embed_32_p50_ms']:.1f} ms, p99 {h['embed_32_p99_ms']:.1f} ms; "
           f"GetEmbeddings {h['get_embeddings_vectors_per_s']:.0f} vectors/s; "

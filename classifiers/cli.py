@@ -195,7 +195,7 @@ def cmd_export(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from extractor.cli import run_command
+    from extractor.command import run_command
     from extractor.errors import ExtractorError
 
     return run_command(build_parser(), argv, expected=(ExtractorError, ValueError))

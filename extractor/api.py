@@ -102,7 +102,7 @@ def embed_to_store(images, model, feature_set: str, *, labels=None, class_names=
                    progress: bool = False, **backbone_options) -> EmbedSummary:
     """Embed `images` (see `as_dataset`) by backbone `model` (see `embed`) into feature set `feature_set`
     of `store`, with each item's source for exports; resumable: a rerun computes only what is missing.
-    `backbone`: an already built one, or a remote one (`extractor.client.RemoteBackbone`)."""
+    `backbone`: an already built one, or a remote one (`extractor.serving.client.RemoteBackbone`)."""
     from extractor.embedder import Embedder
 
     spec = backbone_spec(model, data_dir=data_dir, **backbone_options)

@@ -5,13 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
-from extractor.errors import ExtractorError, InvalidInputError
+from extractor.command import run_command
+from extractor.errors import InvalidInputError
 from extractor.model_commands import add_model_commands
-
-log = logging.getLogger("extractor")
 
 EPILOG = """examples:
   extractor models list
@@ -317,13 +315,18 @@ def add_remote_options(parser: argparse.ArgumentParser, required: bool, help: st
 
 def add_service_commands(commands) -> None:
     serve = commands.add_parser(
-        "serve", help="serve embeddings and heads over gRPC",
-        description="Serve the backbones' embeddings (and saved heads) over gRPC, through the same store as "
-                    "batch jobs. Prints the bound address; SIGTERM drains in-flight calls and exits 0.")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=50051, help="0 picks a free port (default 50051)")
+        "serve", help="serve embeddings and heads over gRPC and REST (own API, Open Inference Protocol, metrics)",
+        description="Serve the backbones' embeddings (and saved heads) over gRPC (the own API and the Open Inference "
+                    "Protocol) and, with --http-port, REST and /metrics, through the same store as batch jobs. "
+                    "Prints the bound addresses; SIGTERM drains in-flight calls and exits 0.")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind, every port (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=50051, help="gRPC: own API and Open Inference Protocol; 0 picks a "
+                                                             "free port (default 50051)")
+    serve.add_argument("--http-port", type=int, help="Open Inference Protocol over REST and /metrics (0: a free port)")
+    serve.add_argument("--metrics-port", type=int, help="/metrics on a port of its own as well")
     serve.add_argument("--store", help="store file (env EXTRACTOR_STORE; default in the user cache)")
-    serve.add_argument("--backbones", default="vgg16", help="comma-separated model repository entries (default vgg16)")
+    serve.add_argument("--backbones", default="vgg16", help="comma-separated model repository entries loaded at "
+                                                           "start (default vgg16); the others load at run time")
     add_repository_option(serve)
     serve.add_argument("--heads", metavar="DIR", help="folder of saved heads (.keras, .skops) to serve")
     serve.add_argument("--max-batch", type=int, default=128, help="images per backbone call (default 128)")
@@ -331,13 +334,14 @@ def add_service_commands(commands) -> None:
                        help="how long the first waiting image waits for others to batch with (default 5)")
     serve.add_argument("--hot-cache-mb", type=float, default=256,
                        help="recently used vectors kept in memory in front of the store (default 256)")
-    limits = serve.add_argument_group("limits (defaults: extractor.service.Limits; the server logs them)")
+    limits = serve.add_argument_group("limits (defaults: extractor.serving.requests.Limits; the server logs them)")
     limits.add_argument("--max-images", type=int, help="images (or keys) per request")
-    limits.add_argument("--max-message-mb", type=float, help="MiB per message, either direction")
+    limits.add_argument("--max-message-mb", type=float, default=64, help="MiB per message or HTTP body (default 64)")
     limits.add_argument("--max-pixels", type=int, help="decoded pixels per image")
-    serve.add_argument("--tls-cert", help="PEM certificate chain: serve TLS (with --tls-key)")
+    serve.add_argument("--tls-cert", help="PEM certificate chain: serve TLS on every port (with --tls-key)")
     serve.add_argument("--tls-key", help="PEM private key")
-    serve.add_argument("--token-file", help="require 'authorization: Bearer <token>' with the token in this file")
+    serve.add_argument("--token-file", help="require 'authorization: Bearer <token>' (gRPC metadata or HTTP header) "
+                                            "with the token in this file, on every port")
     serve.add_argument("--grace", type=float, default=30.0, help="seconds in-flight calls get at shutdown")
     serve.set_defaults(run=cmd_serve, console_level=logging.INFO)  # a server's log is its output
 
@@ -351,21 +355,25 @@ def add_service_commands(commands) -> None:
 
 def cmd_serve(args) -> int:
     from extractor import paths
-    from extractor.models import get_backbone_spec
-    from extractor.server import serve
-    from extractor.service import FeatureService, Limits
+    from extractor.serving.launch import Doors, repository_catalog, saved_heads, serve
+    from extractor.serving.requests import Limits
+    from extractor.serving.service import FeatureService
     from extractor.store import EmbeddingStore
 
-    specs = [get_backbone_spec(name.strip(), repository=args.model_repository, data_dir=args.data_dir)
-             for name in args.backbones.split(",")]
-    given = {"max_images_per_request": args.max_images, "max_decoded_pixels": args.max_pixels,
-             "max_message_bytes": args.max_message_mb and int(args.max_message_mb * 2**20)}
+    catalog = repository_catalog(args.data_dir, args.model_repository)
+    specs = [catalog.spec(name.strip()) for name in args.backbones.split(",") if name.strip()]
+    given = {"max_images_per_request": args.max_images, "max_decoded_pixels": args.max_pixels}
     limits = Limits(**{name: value for name, value in given.items() if value is not None})
-    token, tls = read_token(args.token_file), read_tls(args.tls_cert, args.tls_key)
-    service = FeatureService(specs, EmbeddingStore(paths.store_path(args.store)), limits=limits,
-                             max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000, heads_dir=args.heads,
-                             hot_bytes=int(args.hot_cache_mb * 2**20))
-    return serve(service, host=args.host, port=args.port, token=token, tls=tls, grace=args.grace)
+    doors = Doors(host=args.host, port=args.port, http_port=args.http_port, metrics_port=args.metrics_port,
+                  token=read_token(args.token_file), tls=read_tls(args.tls_cert, args.tls_key),
+                  max_message_bytes=int(args.max_message_mb * 2**20))
+
+    def service(events) -> FeatureService:
+        return FeatureService(specs, EmbeddingStore(paths.store_path(args.store)), catalog=catalog, limits=limits,
+                              max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000,
+                              heads=lambda: saved_heads(args.heads), hot_bytes=int(args.hot_cache_mb * 2**20),
+                              events=events)
+    return serve(service, doors, grace=args.grace)
 
 
 def read_token(path: str | None) -> str | None:
@@ -392,7 +400,7 @@ def read_file(path: str) -> bytes:
 
 
 def feature_client(args):
-    from extractor.client import FeatureClient
+    from extractor.serving.client import FeatureClient
 
     root_cert = read_file(args.root_cert) if args.root_cert else None
     return FeatureClient(args.remote, token=read_token(args.token_file), root_cert=root_cert, timeout=args.timeout)
@@ -400,7 +408,7 @@ def feature_client(args):
 
 def remote_backbone(args):
     """`embed --remote`: the local spec (its fingerprint checked against the server's) and the served backbone."""
-    from extractor.client import RemoteBackbone, served_spec
+    from extractor.serving.client import RemoteBackbone, served_spec
 
     client = feature_client(args)
     spec = served_spec(client, args.backbone, input_size=args.input_size, recipe=args.recipe, pooling=args.pooling)
@@ -427,23 +435,6 @@ def cmd_classify(args) -> int:
             print(f"{row['file']}\t" + (f"error {row['error']}" if "error" in row
                                          else f"{row['label']}\t{row['probability']:.4f}"))
     return 1 if failures else 0
-
-
-def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, expected=(ExtractorError,)) -> int:
-    """Parse, set up logging, run the chosen command; an expected error is one log line and exit code 2."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's C++ start-up notices are not for users
-    from extractor.console import configure_logging
-
-    args = parser.parse_args(argv)
-    configure_logging(args.verbose, getattr(args, "console_level", logging.WARNING))
-    try:
-        return args.run(args)
-    except expected as exc:
-        logging.getLogger(parser.prog.split()[-1]).error("%s", exc)
-        return 2
-    except KeyboardInterrupt:
-        log.error("interrupted; what was committed is kept, a rerun resumes")
-        return 130
 
 
 def main(argv: list[str] | None = None) -> int:

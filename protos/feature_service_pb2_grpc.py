@@ -5,7 +5,7 @@ import warnings
 
 from protos import feature_service_pb2 as protos_dot_feature__service__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -69,6 +69,21 @@ class FeatureServiceStub:
                 request_serializer=protos_dot_feature__service__pb2.ClassifyRequest.SerializeToString,
                 response_deserializer=protos_dot_feature__service__pb2.ClassifyResponse.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/extractor.v1.FeatureService/ListModels',
+                request_serializer=protos_dot_feature__service__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=protos_dot_feature__service__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/extractor.v1.FeatureService/LoadModel',
+                request_serializer=protos_dot_feature__service__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=protos_dot_feature__service__pb2.ModelStatus.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/extractor.v1.FeatureService/UnloadModel',
+                request_serializer=protos_dot_feature__service__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=protos_dot_feature__service__pb2.ModelStatus.FromString,
+                _registered_method=True)
 
 
 class FeatureServiceServicer:
@@ -122,6 +137,28 @@ class FeatureServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """Run-time model control: every entry of the server's model repository with its state; loading one
+        model does not stall calls to the others; unloading lets calls already in flight finish.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadModel(self, request, context):
+        """Loads an entry of the server's repository by name (never a path) and waits until it is READY;
+        a load that fails leaves it UNAVAILABLE with the reason, and the call fails UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FeatureServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -159,6 +196,21 @@ def add_FeatureServiceServicer_to_server(servicer, server):
                     servicer.Classify,
                     request_deserializer=protos_dot_feature__service__pb2.ClassifyRequest.FromString,
                     response_serializer=protos_dot_feature__service__pb2.ClassifyResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=protos_dot_feature__service__pb2.ListModelsRequest.FromString,
+                    response_serializer=protos_dot_feature__service__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=protos_dot_feature__service__pb2.LoadModelRequest.FromString,
+                    response_serializer=protos_dot_feature__service__pb2.ModelStatus.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=protos_dot_feature__service__pb2.UnloadModelRequest.FromString,
+                    response_serializer=protos_dot_feature__service__pb2.ModelStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -350,6 +402,87 @@ class FeatureService:
             '/extractor.v1.FeatureService/Classify',
             protos_dot_feature__service__pb2.ClassifyRequest.SerializeToString,
             protos_dot_feature__service__pb2.ClassifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/extractor.v1.FeatureService/ListModels',
+            protos_dot_feature__service__pb2.ListModelsRequest.SerializeToString,
+            protos_dot_feature__service__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/extractor.v1.FeatureService/LoadModel',
+            protos_dot_feature__service__pb2.LoadModelRequest.SerializeToString,
+            protos_dot_feature__service__pb2.ModelStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/extractor.v1.FeatureService/UnloadModel',
+            protos_dot_feature__service__pb2.UnloadModelRequest.SerializeToString,
+            protos_dot_feature__service__pb2.ModelStatus.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,6 +1,7 @@
 """Shared fixtures: the shared data directory, a per-session cache directory, the VGG16 spec and saved heads
 that test servers serve, and the two sizes of the reliability tests with the figures they report."""
 
+import dataclasses
 import io
 import os
 
@@ -12,11 +13,15 @@ from sklearn.linear_model import LogisticRegression
 from classifiers.persistence import save_head
 from extractor import paths
 from extractor.models import get_backbone_spec, load_backbone
-from extractor.server import FeatureServer
-from extractor.service import FeatureService, Limits
+from extractor.serving.grpc_server import FeatureServer
+from extractor.serving.launch import saved_heads
+from extractor.serving.metrics import ServingMetrics
+from extractor.serving.requests import Limits
+from extractor.serving.service import FeatureService
 from extractor.store import EmbeddingStore
 
-LIMITS = Limits(max_images_per_request=64, max_message_bytes=2 * 2**20, max_decoded_pixels=100 * 100)
+LIMITS = Limits(max_images_per_request=64, max_decoded_pixels=100 * 100)
+MAX_MESSAGE_BYTES = 2 * 2**20
 CLASSES = ["cat", "dog", "owl"]
 
 
@@ -68,6 +73,11 @@ def spec(data_dir):
     return get_backbone_spec("vgg16", data_dir=data_dir)
 
 
+def renamed(spec, name: str):
+    """The same backbone as another entry of a repository, named `name`."""
+    return dataclasses.replace(spec, config=dataclasses.replace(spec.config, name=name))
+
+
 def fitted_head(spec, head=None):
     """`head` (default: a logistic regression) fitted on random vectors of `spec`'s width, 3 classes."""
     X = np.random.default_rng(0).normal(size=(60, spec.output_dim)).astype(np.float32)
@@ -85,10 +95,15 @@ def heads_dir(spec, tmp_path_factory):
 
 
 def start_server(spec, store_path, *, heads_dir=None, backbone_loader=load_backbone, start=True, max_wait=0.05,
-                 limits=LIMITS, **server_options):
+                 limits=LIMITS, max_message_bytes=MAX_MESSAGE_BYTES, catalog=None, **server_options):
+    """A gRPC server on port 0 in this process, its metrics at `server.metrics`."""
+    metrics = ServingMetrics()
     service = FeatureService([spec], EmbeddingStore(store_path), limits=limits, max_wait=max_wait,
-                             heads_dir=heads_dir, backbone_loader=backbone_loader)
-    server = FeatureServer(service, port=0, **server_options)
+                             heads=lambda: saved_heads(heads_dir), backbone_loader=backbone_loader, catalog=catalog,
+                             events=[metrics])
+    metrics.watch(lambda: len(service.served), store_path)
+    server = FeatureServer(service, port=0, max_message_bytes=max_message_bytes, metrics=metrics, **server_options)
+    server.metrics = metrics
     if start:
         server.start()
     return server

@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from conftest import CLASSES, LIMITS, process_status, random_images, reliability_sizes, start_server
-from extractor.client import tensor
+from conftest import CLASSES, LIMITS, MAX_MESSAGE_BYTES, process_status, random_images, reliability_sizes, start_server
+from extractor.serving.client import tensor
 from extractor.datasets import IMAGE_SUFFIXES, Dataset, open_dataset
 from extractor.errors import ExtractorError, InvalidInputError, LimitExceededError
 from extractor.images import DEFAULT_MAX_PIXELS, canonical_pixels, decode_image
@@ -246,13 +246,13 @@ def image_requests(draw, names) -> dict:
     if draw(st.booleans()):
         fields["batch"] = draw(tensors(batch=True))
     if draw(st.integers(0, 19)) == 0:
-        fields["images"].append(pb.Image(encoded=bytes(LIMITS.max_message_bytes)))
+        fields["images"].append(pb.Image(encoded=bytes(MAX_MESSAGE_BYTES)))
     return fields
 
 
 def allowed_codes(request, name_ok: bool) -> set:
     """The statuses the documentation allows for an Embed or Classify request."""
-    if request.ByteSize() > LIMITS.max_message_bytes:
+    if request.ByteSize() > MAX_MESSAGE_BYTES:
         return {EXHAUSTED}
     if not name_ok:
         return {NOT_FOUND}
@@ -447,11 +447,11 @@ def test_get_embeddings(cases, channel, stored, figures, still_serving):
 @pytest.mark.parametrize("cases", reliability_sizes(30, 1000))
 def test_get_backbone(cases, channel, figures, still_serving):
     get = rpc(channel, "GetBackbone")
-    huge = st.just("x" * LIMITS.max_message_bytes)
+    huge = st.just("x" * MAX_MESSAGE_BYTES)
 
     def check(name):
         response, code = outcome(lambda: get(pb.GetBackboneRequest(name=name), timeout=30), figures)
-        assert code == (EXHAUSTED if len(name) >= LIMITS.max_message_bytes else OK if name == BACKBONE else NOT_FOUND)
+        assert code == (EXHAUSTED if len(name) >= MAX_MESSAGE_BYTES else OK if name == BACKBONE else NOT_FOUND)
         if code == OK:
             assert response.output_dim == DIM and response.limits.max_decoded_pixels == MAX_PIXELS
 

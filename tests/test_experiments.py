@@ -122,7 +122,7 @@ def test_compare_refuses_sets_from_different_backbones(tmp_path):
 
 @pytest.mark.parametrize("head", ["logreg", "linear"])
 def test_a_trained_and_saved_head_is_served_with_its_class_names(tmp_path, head):
-    from extractor.service import load_heads, load_saved_head
+    from extractor.serving.launch import saved_heads
 
     store_path = tmp_path / "s.sqlite"
     synthetic_sets(store_path, np.random.default_rng(1))
@@ -130,7 +130,7 @@ def test_a_trained_and_saved_head_is_served_with_its_class_names(tmp_path, head)
                           "--train-set", "train", "--head", head, "--epochs", "100", "--out",
                           str(tmp_path / "heads" / "abc")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    heads = load_heads(tmp_path / "heads", load_saved_head)
+    heads = saved_heads(tmp_path / "heads")
     assert list(heads) == ["abc"] and heads["abc"].class_names == ["a", "b", "c"]
     assert heads["abc"].backbone_fingerprint == "f" * 64
     with EmbeddingStore(store_path, readonly=True) as store:

@@ -147,16 +147,16 @@ def test_a_link_out_of_the_heads_folder_is_refused(data, tmp_path):
 
 def test_the_service_refuses_a_planted_pickle_and_a_link_out_at_start(data, tmp_path):
     """What the server loads goes through `load_head`: a pickle with a forged sidecar is never unpickled."""
-    from extractor.service import load_heads, load_saved_head
+    from extractor.serving.launch import saved_heads
 
     heads, marker = tmp_path / "heads", tmp_path / "the pickle ran"
     save_head(fitted("ridge", data), heads / "lr", backbone_fingerprint="f" * 64, class_names=CLASSES)
-    assert set(load_heads(heads, load_saved_head)) == {"lr"}
+    assert set(saved_heads(heads)) == {"lr"}
     planted = heads / "planted.joblib"
     planted.write_bytes(pickle.dumps(CreatesAFileWhenLoaded(marker)))
     write_sidecar(planted)
     with pytest.raises(UntrustedModelError, match="joblib head"):
-        load_heads(heads, load_saved_head)
+        saved_heads(heads)
     assert not marker.exists()
     planted.unlink()
     elsewhere = save_head(fitted("ridge", data), tmp_path / "elsewhere" / "x", backbone_fingerprint="f" * 64,
@@ -164,4 +164,4 @@ def test_the_service_refuses_a_planted_pickle_and_a_link_out_at_start(data, tmp_
     (heads / "x.skops").symlink_to(elsewhere)
     (heads / "x.skops.json").symlink_to(sidecar_path(elsewhere))
     with pytest.raises(UntrustedModelError, match="outside the heads folder"):
-        load_heads(heads, load_saved_head)
+        saved_heads(heads)

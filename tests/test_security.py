@@ -3,10 +3,12 @@ leave their folder, loopback unless told otherwise."""
 
 import pickle
 import shutil
+import ssl
 import subprocess
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
@@ -15,14 +17,17 @@ from classifiers.persistence import save_head
 from conftest import CLASSES, fitted_head, random_images, start_server
 from extractor import paths
 from extractor.cli import build_parser
-from extractor.client import FeatureClient, RemoteError
+from extractor.serving.client import FeatureClient, RemoteError
 from extractor.errors import ChecksumError
 from extractor.store import EmbeddingStore
+from extractor.serving.rest import HttpServer, rest_app
 from protos import feature_service_pb2 as pb
+from protos import grpc_service_pb2 as oip_pb
 
 TOKEN = "s3cret-token"
 SERVICES = [pb.DESCRIPTOR.services_by_name["FeatureService"], health_pb2.DESCRIPTOR.services_by_name["Health"],
-            reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]]
+            reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
+            oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]]
 EVERY_METHOD = [pytest.param(service, method, id=f"{service.name}.{method.name}")
                 for service in SERVICES for method in service.methods]
 
@@ -59,6 +64,26 @@ def test_every_rpc_needs_the_token(guarded_server, service, method):
             assert status_of_a_call(channel, service, method, refused) == grpc.StatusCode.UNAUTHENTICATED
         accepted = status_of_a_call(channel, service, method, (("authorization", f"Bearer {TOKEN}"),))
     assert accepted != grpc.StatusCode.UNAUTHENTICATED
+
+
+REST_CALLS = [("GET", "/v2/health/live"), ("GET", "/v2/health/ready"), ("GET", "/v2"), ("GET", "/v2/models/vgg16"),
+              ("GET", "/v2/models/vgg16/ready"), ("GET", "/v2/models/stats"), ("POST", "/v2/models/vgg16/infer"),
+              ("POST", "/v2/repository/index"), ("POST", "/v2/repository/models/vgg16/load"),
+              ("POST", "/v2/repository/models/nope/unload"), ("GET", "/metrics")]
+
+
+def test_every_rest_path_and_metrics_need_the_token(guarded_server):
+    http = HttpServer(rest_app(guarded_server.service, guarded_server.metrics, token=TOKEN))
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{http.port}", timeout=10) as client:
+            for method, path in REST_CALLS:
+                for refused in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+                    response = client.request(method, path, headers=refused)
+                    assert response.status_code == 401 and "token" in response.json()["error"], (method, path)
+                accepted = client.request(method, path, headers={"Authorization": f"Bearer {TOKEN}"})
+                assert accepted.status_code != 401, (method, path)
+    finally:
+        http.stop(1)
 
 
 def test_the_client_sends_the_token_on_every_call(guarded_server):
@@ -98,6 +123,19 @@ def test_tls_with_a_self_signed_certificate_and_the_token(spec, tmp_path):
             with refused, pytest.raises(RemoteError) as caught:
                 refused.backbones()
             assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+        http = HttpServer(rest_app(server.service, server.metrics, token=TOKEN), tls=(cert, key))
+        try:
+            (tmp_path / "ca.pem").write_bytes(cert)
+            url = f"https://localhost:{http.port}/v2/health/ready"
+            headers = {"Authorization": f"Bearer {TOKEN}"}
+            trusted = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+            assert httpx.get(url, headers=headers, verify=trusted).status_code == 200
+            with pytest.raises(httpx.ConnectError):  # a certificate it does not trust
+                httpx.get(url, headers=headers)
+            with pytest.raises(httpx.HTTPError):  # plaintext
+                httpx.get(url.replace("https", "http"), headers=headers)
+        finally:
+            http.stop(1)
     finally:
         server.stop(grace=1)
 

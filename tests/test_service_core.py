@@ -9,9 +9,10 @@ import pytest
 from PIL import Image
 
 from extractor.errors import InvalidInputError, LimitExceededError, NotReadyError, UnknownNameError
-from extractor.service import Call, FeatureService, HotVectors, Limits, RawPixels, to_pixels
+from extractor.serving.hot_cache import HotVectors
+from extractor.serving.requests import Call, Limits, RawPixels, to_pixels
+from extractor.serving.service import FeatureService
 from extractor.store import EmbeddingStore
-from extractor.wire import KEY_BYTES, vectors_response_bytes
 
 
 class FakeBackbone:
@@ -116,18 +117,6 @@ def test_limits_unknown_names_and_readiness(make_service, spec, tmp_path):
     with pytest.raises(NotReadyError):
         idle.embed("vgg16", [raw(image(1))])
     idle.store.close()
-
-
-def test_a_response_too_large_for_one_message_is_refused_before_any_work(make_service):
-    backbone = FakeBackbone(512)
-    three_fit = vectors_response_bytes(3, 512)
-    service = make_service(backbone, limits=Limits(max_message_bytes=three_fit))
-    assert service.embed("vgg16", [raw(image(i)) for i in range(3)]).ok.all()
-    with pytest.raises(LimitExceededError, match=r"response bytes \(4 vectors of 512 floats; 3 fit\)"):
-        service.embed("vgg16", [raw(image(i)) for i in range(10, 14)])
-    with pytest.raises(LimitExceededError, match="response bytes"):
-        service.get_embeddings("vgg16", bytes(4 * KEY_BYTES))
-    assert backbone.seen == [0, 1, 2]
 
 
 def test_duplicates_and_cached_images_are_not_computed_again(make_service):

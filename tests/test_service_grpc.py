@@ -3,6 +3,7 @@
 import queue
 import shutil
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -16,12 +17,11 @@ from classifiers.persistence import load_head, save_head
 from conftest import CLASSES, fitted_head, png, random_images, start_server
 from extractor.models import load_backbone
 from extractor.cli import main
-from extractor.client import FeatureClient, RemoteError
 from extractor.datasets import open_dataset
 from extractor.embedder import Embedder
 from extractor.jobs import run_embed_job
-from extractor.server import SERVICE_NAME
-from extractor.service import Limits
+from extractor.serving.client import FeatureClient, RemoteError
+from extractor.serving.grpc_server import SERVICE_NAME
 from extractor.store import EmbeddingStore
 from extractor.wire import vectors_response_bytes
 from protos import feature_service_pb2 as pb
@@ -111,12 +111,22 @@ def test_health_and_reflection(server):
     assert {SERVICE_NAME, "grpc.health.v1.Health"} <= names
 
 
+def refused(server, model="vgg16") -> float:
+    """Calls on `model` the server answered UNAVAILABLE, by its metrics."""
+    labels = {"model": model, "protocol": "grpc", "status": "UNAVAILABLE"}
+    return server.metrics.registry.get_sample_value("extractor_requests_total", labels) or 0.0
+
+
 def test_not_serving_until_warm_and_clients_retry_meanwhile(spec, tmp_path):
+    """Refused UNAVAILABLE while warming up; a client's calls are retried by gRPC's retry policy, and the call
+    that was refused first succeeds once the server is ready."""
+    built = load_backbone(spec)
+    built.embed([np.zeros(spec.input_shape, np.uint8)])  # traced here: the server's own warm-up is quick
     release = threading.Event()
 
     def slow_loader(s):
         release.wait(30)
-        return load_backbone(s)
+        return built
 
     server = start_server(spec, tmp_path / "store.sqlite", backbone_loader=slow_loader, start=False)
     warming = threading.Thread(target=server.start)
@@ -129,11 +139,18 @@ def test_not_serving_until_warm_and_clients_retry_meanwhile(spec, tmp_path):
             assert health.Check(request, timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING
             with FeatureClient(target, retries=0) as impatient, pytest.raises(RemoteError) as caught:
                 impatient.embed("vgg16", random_images(1, seed=4))
-            assert caught.value.code == grpc.StatusCode.UNAVAILABLE
-            with FeatureClient(target, timeout=60, retries=30) as patient:
-                threading.Timer(0.5, release.set).start()
+            assert caught.value.code == grpc.StatusCode.UNAVAILABLE and refused(server) == 1
+
+            def release_after_a_refusal():
+                while refused(server) < 2:
+                    time.sleep(0.001)
+                release.set()
+
+            threading.Thread(target=release_after_a_refusal, daemon=True).start()
+            with FeatureClient(target, timeout=60, retries=4, backoff=0.5) as patient:
                 assert patient.embed("vgg16", random_images(1, seed=4)).vectors.shape == (1, 512)
                 patient.wait_until_serving(timeout=10)
+            assert refused(server) >= 2  # the patient client was refused, then its retry was answered
             assert health.Check(request, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
     finally:
         release.set()
@@ -289,9 +306,8 @@ def test_get_embeddings_returns_stored_vectors_only(client):
 def test_clients_split_calls_whose_vectors_would_not_fit_one_response(spec, tmp_path, reference, heads_dir):
     """Small images with wide vectors: the response, not the request, is what must be split; Classify,
     which returns no vectors, is not."""
-    limits = Limits(max_images_per_request=64, max_message_bytes=vectors_response_bytes(20, 512),
-                    max_decoded_pixels=100 * 100)
-    server = start_server(spec, tmp_path / "store.sqlite", limits=limits, heads_dir=heads_dir)
+    server = start_server(spec, tmp_path / "store.sqlite", max_message_bytes=vectors_response_bytes(20, 512),
+                          heads_dir=heads_dir)
     try:
         images = random_images(50, seed=15, size=16)
         with FeatureClient(f"127.0.0.1:{server.port}", timeout=30) as client:

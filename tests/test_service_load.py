@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import CLASSES, process_status, random_images, reliability_sizes
-from extractor.client import FeatureClient, RemoteError
+from extractor.serving.client import FeatureClient, RemoteError
 from extractor.store import EmbeddingStore
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

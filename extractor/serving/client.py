@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import random
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,8 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatureService"].full_name
 MAX_BACKOFF = 2.0  # seconds between retries, at most
+MAX_ATTEMPTS = 5  # gRPC caps a retry policy's attempts at 5
+MODEL_CONTROL = ("LoadModel", "UnloadModel")  # not retried: a load that failed UNAVAILABLE would be tried again
 
 ImageLike = np.ndarray | bytes | str | os.PathLike  # pixels, an encoded file's bytes, or a file path
 # Images for one call: a sequence of ImageLike, or one stacked uint8 array (n, H, W[, C]), which travels
@@ -99,25 +100,39 @@ def _embed_result(response: pb.EmbedResponse) -> EmbedResult:
                        response.offset)
 
 
+def retry_policy(retries: int, backoff: float) -> str:
+    """The channel's service config: unary calls answered UNAVAILABLE (a server starting or restarting) are
+    retried by gRPC itself, up to `retries` times with exponential backoff from `backoff` seconds (with
+    gRPC's jitter), within the call's deadline. Streams are not retried."""
+    methods = [{"service": SERVICE_NAME, "method": method.name}
+               for method in pb.DESCRIPTOR.services_by_name["FeatureService"].methods
+               if not method.client_streaming and method.name not in MODEL_CONTROL]
+    policy = {"maxAttempts": min(retries + 1, MAX_ATTEMPTS), "initialBackoff": f"{backoff:.3f}s",
+              "maxBackoff": f"{max(MAX_BACKOFF, backoff):.3f}s", "backoffMultiplier": 2,
+              "retryableStatusCodes": ["UNAVAILABLE"]}
+    return json.dumps({"methodConfig": [{"name": methods, **({"retryPolicy": policy} if retries else {})}]})
+
+
 class FeatureClient:
-    """Calls a feature service. Unary calls are retried with exponential backoff (and jitter) while the
-    server answers UNAVAILABLE (starting, restarting), within the call's deadline; `timeout` is that
-    deadline in seconds unless a call passes its own. Streams are not retried: their vectors are in the
-    server's store, so sending the same images again is cheap.
+    """Calls a feature service. Unary calls are retried by gRPC's retry policy (see `retry_policy`; at most
+    4 retries) while the server answers UNAVAILABLE; `timeout` is a call's deadline in seconds unless it
+    passes its own. Streams are not retried: their vectors are in the server's store, so sending the same
+    images again is cheap.
     """
 
     def __init__(self, target: str, *, token: str | None = None, root_cert: bytes | None = None,
-                 timeout: float = 30.0, retries: int = 6, backoff: float = 0.05,
+                 timeout: float = 30.0, retries: int = 4, backoff: float = 0.05,
                  max_message_bytes: int = 64 * 1024 * 1024):
         options = [("grpc.max_receive_message_length", max_message_bytes),
-                   ("grpc.max_send_message_length", max_message_bytes)]
+                   ("grpc.max_send_message_length", max_message_bytes),
+                   ("grpc.enable_retries", 1), ("grpc.service_config", retry_policy(retries, backoff))]
         if root_cert is not None:
             self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_cert), options)
         else:
             self.channel = grpc.insecure_channel(target, options)
         self.stub = pb_grpc.FeatureServiceStub(self.channel)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.timeout = timeout
         self._limits: pb.Limits | None = None
         self._output_dims: dict[str, int] = {}
 
@@ -146,20 +161,10 @@ class FeatureClient:
         raise RemoteError(grpc.StatusCode.UNAVAILABLE, "the server stopped before it was serving")
 
     def _unary(self, method: Callable, request, timeout: float | None):
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        delay, attempt = self.backoff, 0
-        while True:
-            try:
-                return method(request, timeout=max(deadline - time.monotonic(), 0.0), metadata=self.metadata)
-            except grpc.RpcError as exc:
-                attempt += 1
-                pause = delay * random.uniform(0.5, 1.0)  # jitter: clients refused together retry apart
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt > self.retries \
-                        or time.monotonic() + pause >= deadline:
-                    raise RemoteError(exc.code(), exc.details()) from None
-                log.info("server unavailable (%s); retry %d in %.2f s", exc.details(), attempt, pause)
-                time.sleep(pause)
-                delay = min(delay * 2, MAX_BACKOFF)
+        try:
+            return method(request, timeout=self.timeout if timeout is None else timeout, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise RemoteError(exc.code(), exc.details()) from None
 
     # --- backbones and heads -------------------------------------------------------------------------
 
@@ -171,6 +176,17 @@ class FeatureClient:
 
     def heads(self, timeout: float | None = None) -> list[pb.Head]:
         return list(self._unary(self.stub.ListHeads, pb.ListHeadsRequest(), timeout).heads)
+
+    def models(self, timeout: float | None = None) -> list[pb.ModelStatus]:
+        """Every entry of the server's model repository with its state (READY, LOADING, UNAVAILABLE) and reason."""
+        return list(self._unary(self.stub.ListModels, pb.ListModelsRequest(), timeout).models)
+
+    def load_model(self, name: str, timeout: float | None = None) -> pb.ModelStatus:
+        """Load the repository entry `name` on the server; returns once it is READY."""
+        return self._unary(self.stub.LoadModel, pb.LoadModelRequest(name=name), timeout)
+
+    def unload_model(self, name: str, timeout: float | None = None) -> pb.ModelStatus:
+        return self._unary(self.stub.UnloadModel, pb.UnloadModelRequest(name=name), timeout)
 
     def limits(self) -> pb.Limits:
         """The server's limits (asked once)."""
