@@ -191,6 +191,7 @@ class RunSettings:
     explored: bool = True
     sweep_trials: int = 2               # explored rows in the short default (full: trials), on their quick_test
     fine_tune_trials: int = 1
+    fine_tune_block_epochs: int = 2     # fine-tune rows' second stage in the short default (full: the row's)
 
     def scope(self, experiment: "Experiment", method: "Method") -> tuple[int, str]:
         """How many trials a cached row trains, and on which test set."""
@@ -344,18 +345,22 @@ class ExperimentRunner:
 
         data = self.trial_data(experiment, method)
         seeds = list(range(len(data.X_trials)))
-        setup = FineTuning(method.model, method.epochs, method.block_epochs, method.batch_size)
+        block_epochs = method.block_epochs if self.settings.full else min(self.settings.fine_tune_block_epochs,
+                                                                          method.block_epochs)
+        setup = FineTuning(method.model, method.epochs, block_epochs, method.batch_size)
         start = time.perf_counter()
         block = remaining_block(method.features.spec(self.data_dir), method.fine_tunes.spec(self.data_dir))
         results = fine_tune_trials(block, data.X_trials, data.y_trials, seeds, setup)
         accuracies = [float(np.mean(r.predict(data.X_test) == data.y_test)) for r in results]
         seconds = time.perf_counter() - start
         stages = {stage: round(sum(r.seconds[stage] for r in results), 2) for stage in results[0].seconds}
-        settings = self._settings(method, trials_seeds=seeds, block_epochs=method.block_epochs,
+        settings = self._settings(method, trials_seeds=seeds, block_epochs=block_epochs,
                                   block_learning_rate=BLOCK_LEARNING_RATE, seconds_by_stage=stages,
                                   block_ends_at=method.fine_tunes.describe(self.data_dir))
+        note = _notes(self._short_note(experiment, method, data), block_epochs < method.block_epochs and
+                      f"the block trained {block_epochs} of its {method.block_epochs} epochs (FULL=1: all)")
         return MethodResult(method.name, accuracies, seconds, settings, method.lecture,
-                            [r.history for r in results], note=self._short_note(experiment, method, data))
+                            [r.history for r in results], note=note)
 
     def _run_sweep(self, experiment: Experiment, method: Method) -> MethodResult:
         from classifiers.sweeps import parse_grid, sweep_trials

@@ -66,7 +66,7 @@ class FineTunedTrial:
     def predict_proba(self, activations: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """(m, n_classes) float32 for activations (m, D) flattened or (m, *activation shape)."""
         x = np.asarray(activations, np.float32).reshape((len(activations), *self.model.input_shape[1:]))
-        return np.asarray(self.model.predict(x, batch_size=batch_size, verbose=0))
+        return in_batches(self.model, x, batch_size)
 
     def predict(self, activations: np.ndarray) -> np.ndarray:
         return self.classes[np.argmax(self.predict_proba(activations), axis=1)]
@@ -74,6 +74,14 @@ class FineTunedTrial:
     def weights(self) -> list[np.ndarray]:
         """Trainable weights after training, block first, in Keras order."""
         return [np.asarray(w) for w in self.model.trainable_weights]
+
+
+def in_batches(model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """model(x) at inference, called eagerly batch by batch: `predict` would trace a function per model."""
+    if not len(x):
+        return np.zeros((0, *model.output_shape[1:]), np.float32)
+    return np.concatenate([np.asarray(model(x[i:i + batch_size], training=False))
+                           for i in range(0, len(x), batch_size)])
 
 
 def check_pairing(activations_spec, full_spec) -> None:
@@ -88,12 +96,19 @@ def check_pairing(activations_spec, full_spec) -> None:
                                 f"{activations_spec.name}")
 
 
+_whole_models: dict = {}  # fingerprint -> the entry's uncut model; blocks cut from it are copied before training
+
+
 def _whole_model(spec):
+    """The entry's uncut Keras model with its pretrained weights, loaded once per process (VGG16: seconds)."""
     from extractor import paths
     from extractor.models.runtimes.keras_model import load_whole_model
 
-    path = spec.path if spec.path == "imagenet" else str(paths.verified_file(spec.path, spec.sha256))
-    return load_whole_model(path, architecture=spec.config.architecture, input_shape=spec.input_shape)
+    if spec.fingerprint not in _whole_models:
+        path = spec.path if spec.path == "imagenet" else str(paths.verified_file(spec.path, spec.sha256))
+        _whole_models[spec.fingerprint] = load_whole_model(path, architecture=spec.config.architecture,
+                                                           input_shape=spec.input_shape)
+    return _whole_models[spec.fingerprint]
 
 
 def remaining_block(activations_spec, full_spec):
@@ -211,7 +226,7 @@ def fine_tune_trials(block, activations, y_trials, seeds, setup: FineTuning, n_j
         raise InvalidInputError(f"activations of shape {activations.shape[2:]} do not fit the block's input {shape}")
     x_trials = activations.reshape((n_trials, n, *shape))
     start = time.perf_counter()
-    features = np.stack([block.predict(x, batch_size=256, verbose=0) for x in x_trials])
+    features = np.stack([in_batches(block, x) for x in x_trials])
     forward_seconds = time.perf_counter() - start
     start = time.perf_counter()
     stage1 = train_trials(setup.head, features, y_trials, seeds, setup.head_epochs, setup.batch_size,
