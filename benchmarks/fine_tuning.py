@@ -1,14 +1,15 @@
 """Fine-tuning VGG16's block 5 with a head: the classic way (the whole model on pixels) vs cached activations.
 
-One trial of an experiment's training set (default mnist_vgg's: 100 MNIST images, batch 4), both ways on
-the same epochs of each stage, in one run. Per-epoch seconds are steady-state medians (each stage's first
+One trial of each experiment's training set (mnist_vgg: 100 MNIST images, linear head, batch 4; cifar_vgg:
+1,000 CIFAR-10 images, dropout-mlp512-tanh-dropout head, batch 32), both ways on the same epochs of each
+stage, in one run. Per-epoch seconds are steady-state medians (each stage's first
 epoch, which traces and compiles, left out). Cached: the activations at block4_pool computed once (one
 forward pass over the images, counted once), block 5's output once per trial for the head stage, the
 head stage in the fast trainer (timed over all its epochs after a warm-up call), the block stage by Keras
 on the activations. The ratio is given per stage's epoch and for the whole recipe at its full epochs
 (the cached side's one-off passes included).
 
-    python benchmarks/fine_tuning.py [--data SPEC] [--head linear] [--epochs 4] [--full-head-epochs 100]
+    python benchmarks/fine_tuning.py [--workloads mnist_vgg,cifar_vgg] [--epochs 4] [--full-block-epochs 10]
 """
 
 from __future__ import annotations
@@ -29,16 +30,15 @@ def steady(seconds: list[float]) -> float:
     return statistics.median(seconds[1:] if len(seconds) > 1 else seconds)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="mnist:small?n=100&seed=0", help="training set (default mnist_vgg's trial 0)")
-    parser.add_argument("--head", default="linear")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=4, help="epochs of each stage timed, both ways (default 4)")
-    parser.add_argument("--full-head-epochs", type=int, default=100, help="the recipe's head epochs (default 100)")
-    parser.add_argument("--full-block-epochs", type=int, default=10, help="the recipe's block epochs (default 10)")
-    args = parser.parse_args()
+# name -> (training set, head, batch size, the recipe's head epochs): the explored rows' settings
+WORKLOADS = {
+    "mnist_vgg": ("mnist:small?n=100&seed=0", "linear", 4, 100),
+    "cifar_vgg": ("cifar10:small?per_class=100&seed=0", "dropout-mlp512-tanh-dropout", 32, 50),
+}
 
+
+def measure(data: str, head: str, batch_size: int, epochs: int, full_head_epochs: int, full_block_epochs: int) -> dict:
+    """Both ways on one training set; per-epoch seconds, one-off seconds and the ratios."""
     import numpy as np
 
     from classifiers.fine_tuning import FineTuning, classic_fine_tuning, fine_tune_trials, remaining_block
@@ -46,9 +46,9 @@ def main() -> None:
     from extractor.models import get_backbone_spec, load_backbone
 
     activations_spec, full_spec = get_backbone_spec("vgg16_block4"), get_backbone_spec("vgg16")
-    images, y = open_dataset(args.data).arrays()
+    images, y = open_dataset(data).arrays()
     images = list(images)
-    setup = FineTuning(args.head, args.epochs, args.epochs, args.batch_size)
+    setup = FineTuning(head, epochs, epochs, batch_size)
 
     classic_times: dict = {}
     pixels = full_spec.preprocessing.apply(images, full_spec.input_size, full_spec.channels)
@@ -60,7 +60,7 @@ def main() -> None:
     activations = lower.embed(images)
     embed_seconds = time.perf_counter() - start
     block = remaining_block(activations_spec, full_spec)
-    fine_tune_trials(block, activations[None], y[None], [0], FineTuning(args.head, 1, 0, args.batch_size))  # warm-up
+    fine_tune_trials(block, activations[None], y[None], [0], FineTuning(head, 1, 0, batch_size))  # warm-up
     cached_times: dict = {}
     (trial,) = fine_tune_trials(block, activations[None], y[None], [0], setup, epoch_seconds=cached_times)
 
@@ -68,21 +68,20 @@ def main() -> None:
         "classic": {"head": steady(classic_times["head"]), "block": steady(classic_times["block"])},
         "cached": {"head": cached_times["head"][0], "block": steady(cached_times["block"])},
     }
-    full = {"classic": args.full_head_epochs * per_epoch["classic"]["head"]
-            + args.full_block_epochs * per_epoch["classic"]["block"],
-            "cached": embed_seconds + trial.seconds["block_forward"] + args.full_head_epochs * per_epoch["cached"]["head"]
-            + args.full_block_epochs * per_epoch["cached"]["block"]}
+    full = {"classic": full_head_epochs * per_epoch["classic"]["head"] + full_block_epochs * per_epoch["classic"]["block"],
+            "cached": embed_seconds + trial.seconds["block_forward"] + full_head_epochs * per_epoch["cached"]["head"]
+            + full_block_epochs * per_epoch["cached"]["block"]}
     ratios = {stage: per_epoch["classic"][stage] / per_epoch["cached"][stage] for stage in ("head", "block")}
     ratios["recipe"] = full["classic"] / full["cached"]
     for stage in ("head", "block"):
-        print(f"{stage} stage, per epoch: classic {per_epoch['classic'][stage]:.3f} s, cached "
-              f"{per_epoch['cached'][stage]:.4f} s: {ratios[stage]:.1f}x")
-    print(f"recipe ({args.full_head_epochs} head + {args.full_block_epochs} block epochs, {len(y)} images): classic "
+        print(f"  {stage} stage, per epoch: classic {per_epoch['classic'][stage]:.3f} s, cached "
+              f"{per_epoch['cached'][stage]:.4f} s: {ratios[stage]:.1f}x", flush=True)
+    print(f"  recipe ({full_head_epochs} head + {full_block_epochs} block epochs, {len(y)} images): classic "
           f"{full['classic']:.1f} s, cached {full['cached']:.1f} s (activations {embed_seconds:.2f} s, block 5 once "
-          f"{trial.seconds['block_forward']:.2f} s): {ratios['recipe']:.1f}x faster")
-    path = write_results("fine_tuning", {
-        "data": args.data, "head": args.head, "batch_size": args.batch_size, "epochs_timed_per_stage": args.epochs,
-        "full_head_epochs": args.full_head_epochs, "full_block_epochs": args.full_block_epochs,
+          f"{trial.seconds['block_forward']:.2f} s): {ratios['recipe']:.1f}x faster", flush=True)
+    return {
+        "data": data, "head": head, "batch_size": batch_size, "epochs_timed_per_stage": epochs,
+        "full_head_epochs": full_head_epochs, "full_block_epochs": full_block_epochs,
         "seconds_per_epoch": {side: {k: round(v, 4) for k, v in stages.items()} for side, stages in per_epoch.items()},
         "epoch_seconds": {"classic": classic_times, "cached": cached_times},
         "cached_one_off_seconds": {"activations": round(embed_seconds, 3),
@@ -90,8 +89,24 @@ def main() -> None:
         "recipe_seconds": {k: round(v, 2) for k, v in full.items()},
         "ratio": {k: round(v, 1) for k, v in ratios.items()},
         "final_training_accuracy": float(np.mean(trial.predict(activations) == y)),
-    })
-    print(f"wrote {path}")
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", default="mnist_vgg,cifar_vgg", help=f"of {', '.join(WORKLOADS)}")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs of each stage timed, both ways (default 4)")
+    parser.add_argument("--full-block-epochs", type=int, default=10, help="the recipe's block epochs (default 10)")
+    args = parser.parse_args()
+
+    results = {}
+    for name in args.workloads.split(","):
+        if name not in WORKLOADS:
+            parser.error(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}")
+        data, head, batch_size, head_epochs = WORKLOADS[name]
+        print(f"{name}: {data}, {head}, batch {batch_size}", flush=True)
+        results[name] = measure(data, head, batch_size, args.epochs, head_epochs, args.full_block_epochs)
+    print(f"wrote {write_results('fine_tuning', results)}")
 
 
 if __name__ == "__main__":

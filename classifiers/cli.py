@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="from-scratch trials to compute at least (default 1; --full: all; cached ones are shown too)")
     run.add_argument("--classic-epochs", type=int, help="epochs timed of the classic rows (default 1; --full: all)")
     run.add_argument("--no-beyond", action="store_true", help="only the rows that reproduce the lecture")
+    run.add_argument("--no-explored", action="store_true",
+                     help="leave out the explored rows (fine-tuned block 5, optimiser x learning-rate sweep)")
     run.add_argument("--data-dir", help="shared datasets and weights (env EXTRACTOR_DATA_DIR)")
     run.set_defaults(run=cmd_run)
 
@@ -128,7 +130,8 @@ def cmd_run(args) -> int:
         phases["pretraining"] = round(time.perf_counter() - pretrain_started, 1)
         log.info("pretrained mnist_cnn ready (%s, %.1f s)", path, phases["pretraining"])
     settings = RunSettings(full=args.full, trials=args.trials, scratch_trials=args.scratch_trials,
-                           classic_epochs=args.classic_epochs, beyond=not args.no_beyond)
+                           classic_epochs=args.classic_epochs, beyond=not args.no_beyond,
+                           explored=not args.no_explored)
     results = []
     with EmbeddingStore(paths.store_path(args.store)) as store:
         runner = ExperimentRunner(store, settings, args.data_dir, progress=progress)
