@@ -99,14 +99,19 @@ def check_pairing(activations_spec, full_spec) -> None:
 _whole_models: dict = {}  # fingerprint -> the entry's uncut model; blocks cut from it are copied before training
 
 
+def _model_file(spec) -> str:
+    """The entry's file, its sha256 checked first (`imagenet`: Keras' own download, checked by Keras)."""
+    from extractor import paths
+
+    return spec.path if spec.path == "imagenet" else str(paths.verified_file(spec.path, spec.sha256))
+
+
 def _whole_model(spec):
     """The entry's uncut Keras model with its pretrained weights, loaded once per process (VGG16: seconds)."""
-    from extractor import paths
     from extractor.models.runtimes.keras_model import load_whole_model
 
     if spec.fingerprint not in _whole_models:
-        path = spec.path if spec.path == "imagenet" else str(paths.verified_file(spec.path, spec.sha256))
-        _whole_models[spec.fingerprint] = load_whole_model(path, architecture=spec.config.architecture,
+        _whole_models[spec.fingerprint] = load_whole_model(_model_file(spec), architecture=spec.config.architecture,
                                                            input_shape=spec.input_shape)
     return _whole_models[spec.fingerprint]
 
@@ -256,12 +261,10 @@ def classic_fine_tuning(activations_spec, full_spec, pixels: np.ndarray, y: np.n
     (the block frozen), stage 2 the block and the head. Returns (model, classes, history)."""
     import keras
 
-    from extractor import paths
     from extractor.models.runtimes.keras_model import cut_model
 
     check_pairing(activations_spec, full_spec)
-    backbone = cut_model(full_spec, full_spec.path if full_spec.path == "imagenet" else
-                         str(paths.verified_file(full_spec.path, full_spec.sha256)))
+    backbone = cut_model(full_spec, _model_file(full_spec))
     classes, labels = np.unique(y, return_inverse=True)
     model = keras.Sequential([keras.Input(full_spec.input_shape), backbone]
                              + build_head_layers(setup.head, backbone.output_shape[-1], len(classes), seed))

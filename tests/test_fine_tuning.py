@@ -81,6 +81,24 @@ def test_the_block_stage_is_the_classic_computation_exactly(vgg16):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-6 * scale)
 
 
+def test_unfrozen_blocks_keep_batch_normalization_frozen_in_inference_mode():
+    import keras
+
+    from classifiers.fine_tuning import unfreeze
+
+    block = keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Conv2D(5, 3), keras.layers.BatchNormalization(),
+                              keras.layers.ReLU()])
+    block.trainable = False
+    unfreeze(block)
+    conv, norm, _ = block.layers
+    assert conv.trainable and not norm.trainable
+    statistics = [np.asarray(w).copy() for w in norm.non_trainable_weights]
+    x = np.random.default_rng(0).normal(5.0, 3.0, (8, 4, 4, 3)).astype(np.float32)
+    np.testing.assert_allclose(block(x, training=True), block(x, training=False))  # moving statistics used
+    for before, after in zip(statistics, norm.non_trainable_weights, strict=True):
+        np.testing.assert_array_equal(np.asarray(after), before)
+
+
 def test_the_cuts_must_be_of_one_model_in_order(data_dir):
     specs = {name: get_backbone_spec(name, data_dir=data_dir) for name in ("vgg16", "vgg16_block4", "squeezenet")}
     with pytest.raises(InvalidInputError, match="not before"):
