@@ -194,6 +194,23 @@ def _orders(seed: int, n: int, setup: FineTuning) -> tuple[np.ndarray, np.ndarra
     return orders[:setup.head_epochs], orders[setup.head_epochs:]
 
 
+def head_training_layers(spec: str, weights: list[np.ndarray], seed: int, steps: int) -> list:
+    """The head's training layers (`build_head_layers`, seeded dropout) holding `weights` ([kernel, bias] per
+    Dense layer), each dropout's step counter at `steps`, the optimizer steps taken so far: Keras' `fit`
+    carries on with the masks that come next."""
+    from classifiers.keras_training import StepDropout
+
+    layers = build_head_layers(spec, weights[0].shape[0], weights[-1].shape[0], seed)
+    values = iter(weights)
+    for layer in layers:
+        if isinstance(layer, StepDropout):
+            layer.build(None)
+            layer.step.assign(steps)
+        else:
+            layer.set_weights([next(values), next(values)])
+    return layers
+
+
 def train_block(block, head_layers: list, activations: np.ndarray, labels: np.ndarray, seed: int,
                 setup: FineTuning, epoch_seconds: list | None = None):
     """Stage 2 of one trial: a copy of `block` (its pretrained weights), unfrozen, and the head's layers as
@@ -243,7 +260,8 @@ def fine_tune_trials(block, activations, y_trials, seeds, setup: FineTuning, n_j
     for x, y, seed, head in zip(x_trials, y_trials, seeds, stage1):
         start = time.perf_counter()
         labels = np.searchsorted(head.classes, y).astype(np.int32)
-        model, history = train_block(block, head.to_head().model_.layers, x, labels, int(seed), setup,
+        layers = head_training_layers(setup.head, head.weights, int(seed), setup.head_epochs * -(-n // setup.batch_size))
+        model, history = train_block(block, layers, x, labels, int(seed), setup,
                                      None if epoch_seconds is None else epoch_seconds.setdefault("block", []))
         trials.append(FineTunedTrial(
             int(seed), head.classes, model,

@@ -182,14 +182,14 @@ def test_compare_sweeps_optimizers_and_learning_rates(tmp_path):
                           "--heads", "linear,knn", "--trials", "2", "--epochs", "20", "--optimizers", "adam,sgd",
                           "--learning-rates", "1e-3,1e-2"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    methods = json.loads((tmp_path / "runs" / "latest" / "report.json").read_text())["experiments"]["compare"]["methods"]
+    methods = json.loads((tmp_path / "runs" / "latest-compare" / "report.json").read_text())["experiments"]["compare"]["methods"]
     assert sorted(methods) == sorted(["knn", "linear adam lr=0.001", "linear adam lr=0.01", "linear sgd lr=0.001",
                                       "linear sgd lr=0.01", next(m for m in methods if "sweep pick" in m)])
     pick = next(m for name, m in methods.items() if "sweep pick" in name)
     chosen = pick["settings"]["sweep"]["chosen"]
     assert pick["accuracies"] == methods[f"linear {chosen['optimizer']} lr={chosen['learning_rate']:g}"]["accuracies"]
     assert all("test_mean" in p for p in pick["settings"]["sweep"]["points"])
-    assert (tmp_path / "runs" / "latest" / "compare-sweeps.png").is_file()
+    assert (tmp_path / "runs" / "latest-compare" / "compare-sweeps.png").is_file()
 
 
 def test_compare_refuses_an_unknown_optimizer(tmp_path):

@@ -7,6 +7,7 @@ from classifiers.fine_tuning import (
     FineTuning,
     classic_fine_tuning,
     fine_tune_trials,
+    head_training_layers,
     remaining_block,
     train_block,
 )
@@ -74,7 +75,9 @@ def test_the_block_stage_is_the_classic_computation_exactly(vgg16):
     features = load_backbone(full_spec).forward(pixels)
     head = KerasHead(head_spec, epochs=2, batch_size=4, random_state=SEED).fit(features, y)
     block = remaining_block(activations_spec, full_spec)
-    model, _ = train_block(block, head.model_.layers, activations.reshape(-1, 2, 2, 512),
+    trained = [w for layer in head.model_.layers for w in layer.get_weights()]
+    layers = head_training_layers(head_spec, trained, SEED, steps=2 * 4)  # 2 epochs of 4 batches
+    model, _ = train_block(block, layers, activations.reshape(-1, 2, 2, 512),
                            np.searchsorted(head.classes_, y).astype(np.int32), SEED, setup)
     classic, _, _ = classic_fine_tuning(activations_spec, full_spec, pixels, y, SEED, setup)
     for want, got, scale in zip(classic.trainable_weights, model.trainable_weights, layer_scales(classic), strict=True):
