@@ -86,10 +86,13 @@ def train_head(head: str, train, *, store: core.StoreLike = None, out: str | os.
 
 
 def compare_heads(train, test, heads=("linear", "mlp512-tanh", "logreg"), *, store: core.StoreLike = None,
-                  trials: int = 15, epochs: int = 100, batch_size: int = 4) -> ExperimentResult:
+                  trials: int = 15, epochs: int = 100, batch_size: int = 4, optimizers: str | None = None,
+                  learning_rates: str | None = None, validation_fraction: float = 0.2) -> ExperimentResult:
     """Train every head in `heads` over `trials` seeds on `train` and score it on `test` (each a feature set
     name or (X, y, class_names), see `features`); the result prints with `format_table` and writes with
-    `classifiers.report.write_report`."""
+    `classifiers.report.write_report`. With `optimizers` or `learning_rates` (comma-separated), Keras heads
+    are swept over the grid instead (`classifiers.sweeps.sweep_rows`: a row per point and the pick, made on
+    a `validation_fraction` split of the training set)."""
     from classifiers.baselines import fit_trials
     from classifiers.heads import HEAD_SPECS
     from classifiers.trainer import train_trials
@@ -97,10 +100,19 @@ def compare_heads(train, test, heads=("linear", "mlp512-tanh", "logreg"), *, sto
     train, test = features(train, store), features(test, store)
     check_comparable(train, test)
     seeds = list(range(trials))
+    points = None
+    if optimizers or learning_rates:
+        from classifiers.sweeps import DEFAULT_LEARNING_RATES, DEFAULT_OPTIMIZERS, parse_grid, sweep_rows
+
+        points = parse_grid(optimizers or ",".join(DEFAULT_OPTIMIZERS), learning_rates or list(DEFAULT_LEARNING_RATES))
     rows = []
     for head in heads:
         start = time.perf_counter()
         settings = {"head": head, "trials": trials}
+        if head in HEAD_SPECS and points:
+            rows += sweep_rows(head, train.X, train.y, test.X, test.y, seeds, epochs, batch_size, points,
+                               validation_fraction)
+            continue
         if head in HEAD_SPECS:
             results = train_trials(head, np.repeat(train.X[None], trials, axis=0), np.repeat(train.y[None], trials, 0),
                                    seeds, epochs, batch_size)

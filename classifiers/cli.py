@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="from-scratch trials to compute at least (default 1; --full: all; cached ones are shown too)")
     run.add_argument("--classic-epochs", type=int, help="epochs timed of the classic rows (default 1; --full: all)")
     run.add_argument("--no-beyond", action="store_true", help="only the rows that reproduce the lecture")
+    run.add_argument("--no-explored", action="store_true",
+                     help="leave out the explored rows (fine-tuned block 5, optimiser x learning-rate sweep)")
     run.add_argument("--data-dir", help="shared datasets and weights (env EXTRACTOR_DATA_DIR)")
     run.set_defaults(run=cmd_run)
 
@@ -54,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--trials", type=int, default=15, help="seeds per head (default 15)")
     compare.add_argument("--epochs", type=int, default=100, help="epochs of Keras heads (default 100)")
     compare.add_argument("--batch-size", type=int, default=4, help="batch size of Keras heads (default 4)")
+    compare.add_argument("--optimizers", help="sweep Keras heads over these optimizers (adam, rmsprop, sgd) x "
+                                              "--learning-rates; the pick is made on a validation split")
+    compare.add_argument("--learning-rates", help="comma-separated rates to sweep (default with --optimizers: "
+                                                  "1e-4,3e-4,1e-3,3e-3,1e-2)")
+    compare.add_argument("--validation-fraction", type=float, default=0.2,
+                         help="share of the training set held out to pick the sweep's point (default 0.2)")
     compare.set_defaults(run=cmd_compare)
 
     train = commands.add_parser("train", help="train one head on a feature set and save it for serving",
@@ -122,7 +130,8 @@ def cmd_run(args) -> int:
         phases["pretraining"] = round(time.perf_counter() - pretrain_started, 1)
         log.info("pretrained mnist_cnn ready (%s, %.1f s)", path, phases["pretraining"])
     settings = RunSettings(full=args.full, trials=args.trials, scratch_trials=args.scratch_trials,
-                           classic_epochs=args.classic_epochs, beyond=not args.no_beyond)
+                           classic_epochs=args.classic_epochs, beyond=not args.no_beyond,
+                           explored=not args.no_explored)
     results = []
     with EmbeddingStore(paths.store_path(args.store)) as store:
         runner = ExperimentRunner(store, settings, args.data_dir, progress=progress)
@@ -163,7 +172,8 @@ def cmd_compare(args) -> int:
 
     heads = [h.strip() for h in args.heads.split(",") if h.strip()]
     result = api.compare_heads(args.train_set, args.test_set, heads, store=args.store, trials=args.trials,
-                               epochs=args.epochs, batch_size=args.batch_size)
+                               epochs=args.epochs, batch_size=args.batch_size, optimizers=args.optimizers,
+                               learning_rates=args.learning_rates, validation_fraction=args.validation_fraction)
     print(api.format_table(result))
     run_dir = new_run_dir(Path(args.runs_dir), latest="latest-compare")  # runs/latest stays the main job's
     write_report(run_dir, [result])

@@ -57,7 +57,11 @@ class Method:
 
     kind: "head" (a KerasHead spec, all trials at once by the fast trainer), "sklearn" (a head from
     `make_head`), "scratch" (a CNN trained from scratch on the pixels), "classic" (the frozen backbone
-    and the head in one Keras model, fit on the pixels: the baseline the cache is measured against).
+    and the head in one Keras model, fit on the pixels: the baseline the cache is measured against);
+    explored rows (the lecture's "options we did not explore"): "fine-tune" (the head, then the layers
+    between `features`' cut and `fine_tunes`' cut with it, on cached activations; `classifiers.fine_tuning`)
+    and "sweep" (the head over the `SWEEP_GRID` of optimisers and learning rates, picked on a validation
+    split of each trial's training images; `classifiers.sweeps`).
     """
 
     name: str
@@ -69,7 +73,10 @@ class Method:
     lecture: tuple[float, float] | None = None
     validate: bool = False
     beyond: bool = False
-    quick_test: str | None = None   # beyond rows in the short default: this smaller test set
+    quick_test: str | None = None   # beyond and explored rows in the short default: this smaller test set
+    explored: bool = False
+    fine_tunes: Features | None = None   # fine-tune rows: the entry whose cut the trained block ends at
+    block_epochs: int = 0                # fine-tune rows: epochs of the second stage
 
 
 @dataclass(frozen=True)
@@ -88,8 +95,23 @@ VGG_CAFFE = Features("vgg16", recipe="caffe")   # VGG16's own preprocessing (BGR
 MNIST_CNN = Features("mnist_cnn")        # tl_mnist's CNN pretrained on digits 0,2,4,6,8, cut after Flatten
 MOBILENET = Features("mobilenet_v1")     # 224x224, 1024-d
 SQUEEZENET = Features("squeezenet")      # 227x227, average-pooled fire9, 512-d
+VGG_BLOCK4 = Features("vgg16_block4")   # the lecture's VGG16 cut at block4_pool: what block 5 trains on
 MNIST_QUICK_TEST = "mnist:small-test?per_class=200&seed=0"
 CIFAR_QUICK_TEST = "cifar10:test?per_class=100&seed=0"
+SWEEP_GRID = ("adam,rmsprop,sgd", "1e-4,1e-3,1e-2")   # optimisers x learning rates of the sweep rows
+FINE_TUNE_BLOCK_EPOCHS = 10   # stage 2 of the fine-tune rows, at fine_tuning.BLOCK_LEARNING_RATE (1e-5)
+
+
+def explored_rows(head: str, epochs: int, batch_size: int, quick_test: str) -> tuple[Method, ...]:
+    """The explored rows of an experiment whose transfer row trains `head` on the lecture's VGG16 features."""
+    return (
+        Method(f"explored: fine-tune VGG16 block 5 + {head} (head {epochs} epochs, then block 5 + head "
+               f"{FINE_TUNE_BLOCK_EPOCHS} epochs at lr 1e-5)", "fine-tune", head, VGG_BLOCK4, epochs, batch_size,
+               explored=True, quick_test=quick_test, fine_tunes=VGG_LECTURE, block_epochs=FINE_TUNE_BLOCK_EPOCHS),
+        Method(f"explored: sweep optimiser x learning rate, VGG16 + {head} (picked on validation)", "sweep", head,
+               VGG_LECTURE, epochs, batch_size, explored=True, quick_test=quick_test),
+    )
+
 
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
     Experiment(
@@ -124,6 +146,7 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
                    VGG_CAFFE, beyond=True, quick_test=MNIST_QUICK_TEST),
             Method("beyond: logistic regression (C swept) on SqueezeNet + MobileNet features", "sklearn", "logreg",
                    (SQUEEZENET, MOBILENET), beyond=True, quick_test=MNIST_QUICK_TEST),
+            *explored_rows("linear", 100, 4, MNIST_QUICK_TEST),
         ),
         ("The lecture's preprocessing: digits padded 28 to 32, repeated to 3 channels, divided by 255, "
          "no ImageNet mean subtraction.",),
@@ -143,6 +166,7 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
                    VGG_CAFFE, beyond=True, quick_test=CIFAR_QUICK_TEST),
             Method("beyond: logistic regression (C swept) on MobileNet + SqueezeNet features", "sklearn", "logreg",
                    (MOBILENET, SQUEEZENET), beyond=True, quick_test=CIFAR_QUICK_TEST),
+            *explored_rows("dropout-mlp512-tanh-dropout", 50, 32, CIFAR_QUICK_TEST),
         ),
         ("The lecture does not give CIFAR-10's epochs and batch size: here 50 epochs, batch 32, for every row.",
          "Our CIFAR-10 is a JPEG re-encoding (quality about 75, 4:2:0 chroma) of the original arrays. Transfer "
@@ -164,11 +188,18 @@ class RunSettings:
     classic_epochs: int | None = None   # default: 1 epoch timed, extrapolated (full: the row's epochs)
     beyond: bool = True
     beyond_trials: int = 3              # beyond rows in the short default (full: trials), on their quick_test
+    explored: bool = True
+    sweep_trials: int = 2               # explored rows in the short default (full: trials), on their quick_test
+    fine_tune_trials: int = 1
+    fine_tune_block_epochs: int = 2     # fine-tune rows' second stage in the short default (full: the row's)
 
     def scope(self, experiment: "Experiment", method: "Method") -> tuple[int, str]:
         """How many trials a cached row trains, and on which test set."""
         if method.beyond and not self.full:
             return min(self.beyond_trials, self.trials), method.quick_test or experiment.test
+        if method.explored and not self.full:
+            trials = self.fine_tune_trials if method.kind == "fine-tune" else self.sweep_trials
+            return min(trials, self.trials), method.quick_test or experiment.test
         return self.trials, experiment.test
 
     def trials_for(self, method: Method) -> int:
@@ -248,14 +279,16 @@ class ExperimentRunner:
         from tqdm import tqdm
 
         rows, embedding = [], {}
-        methods = [m for m in experiment.methods if self.settings.beyond or not m.beyond]
+        methods = [m for m in experiment.methods
+                   if (self.settings.beyond or not m.beyond) and (self.settings.explored or not m.explored)]
         bar = tqdm(methods, desc=experiment.name, unit="row", disable=not self.progress, leave=False,
                    dynamic_ncols=True)
         for method in bar:
             log.info("%s: %s", experiment.name, method.name)
             bar.set_postfix_str(method.name, refresh=True)
             runner = {"head": self._run_head, "sklearn": self._run_sklearn, "scratch": self._run_scratch,
-                      "classic": self._run_classic}[method.kind]
+                      "classic": self._run_classic, "fine-tune": self._run_fine_tune,
+                      "sweep": self._run_sweep}[method.kind]
             rows.append(runner(experiment, method))
         for (name, _, test, trials, part), data in self._features.items():
             if name == experiment.name:
@@ -301,6 +334,48 @@ class ExperimentRunner:
             f"short default: {trials} trials, tested on {test} ({len(data.y_test)} images); FULL=1: all"
         return MethodResult(method.name, accuracies, time.perf_counter() - start,
                             self._settings(method, chosen_params=chosen, test=test), method.lecture, note=note)
+
+    def _short_note(self, experiment: Experiment, method: Method, data: TrialData) -> str:
+        trials, test = self.settings.scope(experiment, method)
+        return "" if self.settings.full else \
+            f"short default: {trials} trial(s), tested on {test} ({len(data.y_test)} images); FULL=1: all"
+
+    def _run_fine_tune(self, experiment: Experiment, method: Method) -> MethodResult:
+        from classifiers.fine_tuning import BLOCK_LEARNING_RATE, FineTuning, fine_tune_trials, remaining_block
+
+        data = self.trial_data(experiment, method)
+        seeds = list(range(len(data.X_trials)))
+        block_epochs = method.block_epochs if self.settings.full else min(self.settings.fine_tune_block_epochs,
+                                                                          method.block_epochs)
+        setup = FineTuning(method.model, method.epochs, block_epochs, method.batch_size)
+        start = time.perf_counter()
+        block = remaining_block(method.features.spec(self.data_dir), method.fine_tunes.spec(self.data_dir))
+        results = fine_tune_trials(block, data.X_trials, data.y_trials, seeds, setup)
+        accuracies = [float(np.mean(r.predict(data.X_test) == data.y_test)) for r in results]
+        seconds = time.perf_counter() - start
+        stages = {stage: round(sum(r.seconds[stage] for r in results), 2) for stage in results[0].seconds}
+        settings = self._settings(method, trials_seeds=seeds, block_epochs=block_epochs,
+                                  block_learning_rate=BLOCK_LEARNING_RATE, seconds_by_stage=stages,
+                                  block_ends_at=method.fine_tunes.describe(self.data_dir))
+        note = _notes(self._short_note(experiment, method, data), block_epochs < method.block_epochs and
+                      f"the block trained {block_epochs} of its {method.block_epochs} epochs (FULL=1: all)")
+        return MethodResult(method.name, accuracies, seconds, settings, method.lecture,
+                            [r.history for r in results], note=note)
+
+    def _run_sweep(self, experiment: Experiment, method: Method) -> MethodResult:
+        from classifiers.sweeps import parse_grid, sweep_trials
+
+        data = self.trial_data(experiment, method)
+        seeds = list(range(len(data.X_trials)))
+        start = time.perf_counter()
+        sweep = sweep_trials(method.model, data.X_trials, data.y_trials, seeds, method.epochs, method.batch_size,
+                             parse_grid(*SWEEP_GRID))
+        accuracies = [float(np.mean(r.predict(data.X_test) == data.y_test)) for r in sweep.final]
+        note = _notes(f"picked {sweep.chosen.label()} on a {sweep.validation_fraction:.0%} validation split of each "
+                      "trial's training images", self._short_note(experiment, method, data))
+        settings = self._settings(method, trials_seeds=seeds, optimizer=sweep.chosen.optimizer,
+                                  learning_rate=sweep.chosen.learning_rate, sweep=sweep.as_dict())
+        return MethodResult(method.name, accuracies, time.perf_counter() - start, settings, method.lecture, note=note)
 
     def _pixels(self, data_spec: str, features: Features | None) -> tuple[np.ndarray, np.ndarray]:
         """The model's input for a split: the backbone's recipe, or pixels / 255 for from-scratch CNNs."""

@@ -163,6 +163,38 @@ def plot_learning_curves(experiment: ExperimentResult, path: Path) -> bool:
     return True
 
 
+def plot_sweeps(experiment: ExperimentResult, path: Path) -> bool:
+    """Accuracy against learning rate (log) per optimiser, for every row with a sweep in its settings:
+    validation accuracy (what the pick sees, dashed) and test accuracy where every point was tested."""
+    sweeps = [(m.name, m.settings["sweep"]) for m in experiment.methods if "sweep" in m.settings]
+    if not sweeps:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(6 * len(sweeps), 4.2), squeeze=False)
+    for ax, (name, sweep) in zip(axes[0], sweeps):
+        optimizers = list(dict.fromkeys(p["optimizer"] for p in sweep["points"]))
+        for k, optimizer in enumerate(optimizers):
+            points = sorted((p for p in sweep["points"] if p["optimizer"] == optimizer), key=lambda p: p["learning_rate"])
+            rates = [p["learning_rate"] for p in points]
+            color = plt.cm.tab10(k % 10)
+            ax.plot(rates, [100 * p["validation_mean"] for p in points], "o--", color=color,
+                    label=f"{optimizer} (validation)")
+            if all("test_mean" in p for p in points):
+                ax.plot(rates, [100 * p["test_mean"] for p in points], "s-", color=color, label=f"{optimizer} (test)")
+        chosen = next(p for p in sweep["points"] if (p["optimizer"], p["learning_rate"]) ==
+                      (sweep["chosen"]["optimizer"], sweep["chosen"]["learning_rate"]))
+        ax.plot([chosen["learning_rate"]], [100 * chosen["validation_mean"]], "*", color="black", markersize=14,
+                label="picked (validation)")
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("accuracy (%), mean over trials")
+        ax.set_title(textwrap.fill(f"{experiment.name}: {name}", 60), fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _save(fig, path)
+    return True
+
+
 def plot_times(timings: dict[str, dict[str, float]], path: Path) -> None:
     """Seconds per experiment's full table, classic vs cached (log scale)."""
     plt = _pyplot()
@@ -236,6 +268,9 @@ def write_report(run_dir: Path, experiments: list[ExperimentResult], extra: dict
         curves = run_dir / f"{experiment.name}-learning-curves.png"
         if plot_learning_curves(experiment, curves):
             written.append(curves)
+        sweeps = run_dir / f"{experiment.name}-sweeps.png"
+        if plot_sweeps(experiment, sweeps):
+            written.append(sweeps)
     if timings:
         plot_times(timings, run_dir / "time-classic-vs-cached.png")
         written.append(run_dir / "time-classic-vs-cached.png")

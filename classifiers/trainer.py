@@ -1,8 +1,8 @@
 """Many trials of one head spec trained at once, step for step as `KerasHead` trains, in compiled loops.
 
 Each trial runs the same steps as `KerasHead.fit` with `random_state=seed` (the formulas are in the
-docstring of `classifiers.heads`): same initial weights, batches, dropout masks, loss and Adam update;
-results agree with Keras to float rounding (summation order). What makes it fast:
+docstring of `classifiers.heads`): same initial weights, batches, dropout masks, loss and optimizer update
+(Adam; RMSprop and SGD as Keras takes them at their defaults); results agree with Keras to float rounding (summation order). What makes it fast:
 
 * one compiled loop per trial (numba, no Python per step); trials are spread over threads that run
   without the GIL, one trial per thread from start to end, so that its weights and Adam moments
@@ -48,8 +48,12 @@ log = logging.getLogger(__name__)
 
 _F = np.float32
 ADAM_LEARNING_RATE = 0.001  # Keras' default
+# optimizer name -> (code in the compiled loop, Keras' default learning rate); Keras' defaults otherwise
+# (RMSprop: rho 0.9, epsilon 1e-7, no momentum; SGD: no momentum)
+OPTIMIZERS = {"adam": (0, ADAM_LEARNING_RATE), "rmsprop": (1, 0.001), "sgd": (2, 0.01)}
 _ONE_MINUS_BETA1, _ONE_MINUS_BETA2 = _F(1 - 0.9), _F(1 - 0.999)  # as Keras computes them, then float32
 _BETA1, _BETA2, _EPSILON = _F(0.9), _F(0.999), _F(1e-7)
+_RHO, _ONE_MINUS_RHO = _F(0.9), _F(1 - 0.9)
 _GOLDEN, _MUL1, _MUL2 = np.uint64(MIX_GOLDEN), np.uint64(MIX_MUL1), np.uint64(MIX_MUL2)
 _S27, _S30, _S31, _S40 = np.uint64(27), np.uint64(30), np.uint64(31), np.uint64(40)
 # Eigen's ptanh_float without FMA, as TensorFlow's CPU kernels are built: clamp, then a [9/8] rational.
@@ -98,6 +102,23 @@ def _adam(w, m, v, g, alpha):
         m[k] = mk
         v[k] = vk
         w[k] -= (mk * alpha) / (np.sqrt(vk) + _EPSILON)
+
+
+@_jit
+def _update(w, m, v, g, alpha, optimizer):
+    """One optimizer step on the 1-d arrays w (moments m, v) with gradient g, as Keras takes it: Adam
+    (alpha holds the bias corrections), RMSprop (`v = rho v + (1 - rho) g^2`, `w -= alpha g / sqrt(v + eps)`)
+    or SGD (`w -= alpha g`)."""
+    if optimizer == 0:
+        _adam(w, m, v, g, alpha)
+    elif optimizer == 1:
+        for k in range(w.size):
+            vk = _RHO * v[k] + _ONE_MINUS_RHO * (g[k] * g[k])
+            v[k] = vk
+            w[k] -= (alpha * g[k]) / np.sqrt(vk + _EPSILON)
+    else:
+        for k in range(w.size):
+            w[k] -= g[k] * alpha
 
 
 @_jit
@@ -183,7 +204,7 @@ def _mean_xent_accuracy(logits, labels):
 
 
 @_jit
-def _train_epochs(x, active, y, permutations, first_epoch, end_epoch, batch_size, seed, learning_rate,
+def _train_epochs(x, active, y, permutations, first_epoch, end_epoch, batch_size, seed, optimizer, learning_rate,
                   input_threshold, input_scale, input_index, hidden_threshold, hidden_scale, hidden_index,
                   d, width, params, m, v, history):
     """Train epochs [first_epoch, end_epoch) of one trial in place, Adam moments m, v beside `params`.
@@ -224,7 +245,8 @@ def _train_epochs(x, active, y, permutations, first_epoch, end_epoch, batch_size
         loss_sum, correct = 0.0, 0
         for start in range(0, n, batch_size):
             rows = min(batch_size, n - start)
-            alpha = learning_rate * np.sqrt(_F(1) - _BETA2 ** _F(step + 1)) / (_F(1) - _BETA1 ** _F(step + 1))
+            alpha = learning_rate * np.sqrt(_F(1) - _BETA2 ** _F(step + 1)) / (_F(1) - _BETA1 ** _F(step + 1)) \
+                if optimizer == 0 else learning_rate
             input_key = _dropout_key(seed, input_index, step)
             hidden_key = _dropout_key(seed, hidden_index, step)
             inverse_rows = _F(1) / _F(rows)
@@ -285,9 +307,9 @@ def _train_epochs(x, active, y, permutations, first_epoch, end_epoch, batch_size
                 for a in range(a0, a1):
                     at = (a - a0) * width
                     _sum_of_rows(gradient[at:at + width], column_values[a], delta1, column_rows[a], column_count[a])
-                _adam(params[a0 * width:a1 * width], m[a0 * width:a1 * width], v[a0 * width:a1 * width],
-                      gradient[:(a1 - a0) * width], alpha)
-            _adam(params[w1_size:], m[w1_size:], v[w1_size:], tail_gradient, alpha)
+                _update(params[a0 * width:a1 * width], m[a0 * width:a1 * width], v[a0 * width:a1 * width],
+                        gradient[:(a1 - a0) * width], alpha, optimizer)
+            _update(params[w1_size:], m[w1_size:], v[w1_size:], tail_gradient, alpha, optimizer)
             step += 1
         history[epoch, 0] = loss_sum / n
         history[epoch, 1] = correct / n
@@ -340,7 +362,8 @@ class TrialResult:
 
         n_features = self.weights[0].shape[0]
         head = KerasHead(self.spec, epochs=self.params["epochs"], batch_size=self.params["batch_size"],
-                         learning_rate=self.params["learning_rate"], random_state=self.seed)
+                         optimizer=self.params.get("optimizer", "adam"), learning_rate=self.params["learning_rate"],
+                         random_state=self.seed)
         head.model_ = inference_model(self.spec, self.weights)
         head.classes_, head.n_features_in_, head.history_ = self.classes, n_features, self.history
         return head
@@ -348,14 +371,18 @@ class TrialResult:
 
 def train_trials(spec: str, X_trials, y_trials, seeds, epochs: int, batch_size: int,
                  learning_rate: float | None = None, validation_data=None, validation_freq: int = 1,
-                 n_jobs: int | None = None) -> list[TrialResult]:
+                 n_jobs: int | None = None, optimizer: str = "adam") -> list[TrialResult]:
     """Train one head per trial, each exactly as `KerasHead(spec, ..., random_state=seed).fit` would.
 
     X_trials (T, n, d) float features, y_trials (T, n) labels (every trial holding the same classes),
     seeds (T,) ints; validation_data (X_val (m, d), y_val (m,)) is evaluated after every
     `validation_freq`-th epoch, as Keras' `validation_freq`. n_jobs threads (default: all CPUs).
+    optimizer: adam, rmsprop or sgd, at Keras' defaults (learning_rate None: Keras' default rate).
     """
     layout = head_spec(spec)
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+    optimizer_code, default_rate = OPTIMIZERS[optimizer]
     X_trials = np.asarray(X_trials, np.float32)
     y_trials = np.asarray(y_trials)
     seeds = [int(s) for s in seeds]
@@ -399,8 +426,8 @@ def train_trials(spec: str, X_trials, y_trials, seeds, epochs: int, batch_size: 
         for first in range(0, epochs, epochs_per_call):
             end = min(first + epochs_per_call, epochs)
             _train_epochs(
-                x, active, y, permutations, first, end, batch_size, seed,
-                _F(ADAM_LEARNING_RATE if learning_rate is None else learning_rate),
+                x, active, y, permutations, first, end, batch_size, seed, optimizer_code,
+                _F(default_rate if learning_rate is None else learning_rate),
                 np.uint64(dropout_threshold(layout.input_dropout) if layout.input_dropout else 0),
                 _F(1 / (1 - layout.input_dropout)), input_index,
                 np.uint64(dropout_threshold(layout.hidden_dropout) if layout.hidden_dropout else 0),
@@ -417,7 +444,8 @@ def train_trials(spec: str, X_trials, y_trials, seeds, epochs: int, batch_size: 
         return TrialResult(
             spec, seed, classes, weights,
             {name: [float(v) for v in values if not np.isnan(v)] for name, values in columns.items()},
-            {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "n_examples": n},
+            {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "n_examples": n,
+             "optimizer": optimizer},
         )
 
     workers = max(1, min(n_jobs or len(os.sched_getaffinity(0)), n_trials))

@@ -143,3 +143,58 @@ def test_run_command_rejects_unknown_experiments(tmp_path):
     out = subprocess.run([sys.executable, "-m", "classifiers", "--store", str(tmp_path / "s.sqlite"), "run",
                           "--experiments", "cifar_vgg,nope"], capture_output=True, text=True)
     assert out.returncode == 2 and "unknown experiment 'nope'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_explored_rows_fine_tune_and_sweep(tmp_path):
+    """The explored rows through the runner: fewer trials in the short default, every trial with FULL=1;
+    the sweep's pick, its grid in the report and the plot of accuracy against learning rate."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    train = make_npz(folder / "train.npz", 60, seed=1)
+    test = make_npz(folder / "test.npz", 30, seed=2)
+    experiment = Experiment("tiny", "random images", train + "?per_class=6&seed={seed}", test, (
+        Method("explored: fine-tune block 5", "fine-tune", "linear", Features("vgg16_block4"), epochs=2,
+               batch_size=4, explored=True, fine_tunes=Features("vgg16"), block_epochs=1),
+        Method("explored: sweep", "sweep", "linear", Features("vgg16"), epochs=2, batch_size=4, explored=True),
+    ))
+    with EmbeddingStore(tmp_path / "s.sqlite") as store:
+        short = ExperimentRunner(store, RunSettings(trials=3)).run(experiment)
+        full = ExperimentRunner(store, RunSettings(trials=2, full=True)).run(
+            Experiment(**{**experiment.__dict__, "methods": experiment.methods[1:]}))
+    fine_tune, sweep = short.methods
+    assert len(fine_tune.accuracies) == 1 and "short default: 1 trial(s)" in fine_tune.note
+    assert len(fine_tune.histories[0]["loss"]) == 3 and fine_tune.settings["block_epochs"] == 1
+    assert len(sweep.accuracies) == 2 and "picked" in sweep.note and "validation split" in sweep.note
+    grid = sweep.settings["sweep"]
+    assert len(grid["points"]) == 9 and {p["optimizer"] for p in grid["points"]} == {"adam", "rmsprop", "sgd"}
+    assert (grid["chosen"]["optimizer"], grid["chosen"]["learning_rate"]) == (
+        sweep.settings["optimizer"], sweep.settings["learning_rate"])
+    assert len(full.methods[0].accuracies) == 2 and full.methods[0].note.startswith("picked")
+    written = write_report(new_run_dir(tmp_path / "runs"), [short])
+    assert any(p.name == "tiny-sweeps.png" and p.stat().st_size > 5000 for p in written)
+
+
+def test_compare_sweeps_optimizers_and_learning_rates(tmp_path):
+    store_path = tmp_path / "s.sqlite"
+    synthetic_sets(store_path, np.random.default_rng(0))
+    out = subprocess.run([sys.executable, "-m", "classifiers", "--store", str(store_path), "--runs-dir",
+                          str(tmp_path / "runs"), "compare", "--train-set", "train", "--test-set", "test",
+                          "--heads", "linear,knn", "--trials", "2", "--epochs", "20", "--optimizers", "adam,sgd",
+                          "--learning-rates", "1e-3,1e-2"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    methods = json.loads((tmp_path / "runs" / "latest-compare" / "report.json").read_text())["experiments"]["compare"]["methods"]
+    assert sorted(methods) == sorted(["knn", "linear adam lr=0.001", "linear adam lr=0.01", "linear sgd lr=0.001",
+                                      "linear sgd lr=0.01", next(m for m in methods if "sweep pick" in m)])
+    pick = next(m for name, m in methods.items() if "sweep pick" in name)
+    chosen = pick["settings"]["sweep"]["chosen"]
+    assert pick["accuracies"] == methods[f"linear {chosen['optimizer']} lr={chosen['learning_rate']:g}"]["accuracies"]
+    assert all("test_mean" in p for p in pick["settings"]["sweep"]["points"])
+    assert (tmp_path / "runs" / "latest-compare" / "compare-sweeps.png").is_file()
+
+
+def test_compare_refuses_an_unknown_optimizer(tmp_path):
+    store_path = tmp_path / "s.sqlite"
+    synthetic_sets(store_path, np.random.default_rng(0))
+    out = subprocess.run([sys.executable, "-m", "classifiers", "--store", str(store_path), "compare", "--train-set",
+                          "train", "--test-set", "test", "--optimizers", "adam,adagrad"], capture_output=True, text=True)
+    assert out.returncode == 2 and "unknown optimizer 'adagrad'" in out.stderr and "Traceback" not in out.stderr

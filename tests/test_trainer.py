@@ -37,6 +37,26 @@ def test_trials_equal_keras_heads(spec, data):
         np.testing.assert_allclose(result.predict_proba(X_val), head.predict_proba(X_val), atol=1e-5)
 
 
+@pytest.mark.parametrize("optimizer, learning_rate", [("rmsprop", None), ("sgd", 0.05), ("adam", 3e-4)])
+@pytest.mark.parametrize("spec", ["linear", "dropout-mlp512-tanh-dropout"])
+def test_other_optimizers_and_rates_equal_keras(spec, optimizer, learning_rate, data):
+    X_trials, y_trials, _ = data
+    (result,) = train_trials(spec, X_trials[:1], y_trials[:1], SEEDS[:1], epochs=3, batch_size=4,
+                             learning_rate=learning_rate, optimizer=optimizer)
+    head = KerasHead(spec, epochs=3, batch_size=4, optimizer=optimizer, learning_rate=learning_rate,
+                     random_state=SEEDS[0]).fit(X_trials[0], y_trials[0])
+    keras_weights = [np.asarray(w) for w in head.model_.trainable_weights]
+    for expected, actual in zip(keras_weights, result.weights, strict=True):
+        np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    assert result.to_head().get_params()["optimizer"] == optimizer
+
+
+def test_unknown_optimizer_is_refused(data):
+    X_trials, y_trials, _ = data
+    with pytest.raises(ValueError, match="unknown optimizer 'adagrad'; known: adam, rmsprop, sgd"):
+        train_trials("linear", X_trials, y_trials, SEEDS, epochs=1, batch_size=4, optimizer="adagrad")
+
+
 def test_validation_freq_as_keras(data):
     X_trials, y_trials, validation = data
     (result,) = train_trials("linear", X_trials[:1], y_trials[:1], [0], epochs=4, batch_size=8,
