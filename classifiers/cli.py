@@ -205,7 +205,7 @@ def cmd_export(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from extractor.command import run_command
+    from extractor.console import run_command
     from extractor.errors import ExtractorError
 
     return run_command(build_parser(), argv, expected=(ExtractorError, ValueError))

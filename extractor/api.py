@@ -142,8 +142,8 @@ def _feature_set_info(store: EmbeddingStore, name: str) -> FeatureSetInfo:
 def export_feature_set(name: str, out: str | os.PathLike, format: str = "parquet",
                        store: StoreLike = None) -> list[Path]:
     """Write feature set `name` as Parquet (one file) or `.npy` files (a folder), each row with its source
-    and class name, and the feature set's metadata; return the paths written (see `store.export_feature_set`)."""
-    from extractor.store import export_feature_set as export
+    and class name, and the feature set's metadata; return the paths written (see `exports.export_feature_set`)."""
+    from extractor.exports import export_feature_set as export
 
     with opened_store(store, readonly=True) as opened:
         _feature_set_info(opened, name)

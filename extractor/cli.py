@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from extractor.command import run_command
+from extractor.console import run_command
 from extractor.errors import InvalidInputError
 from extractor.model_commands import add_model_commands
 

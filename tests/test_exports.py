@@ -12,8 +12,9 @@ from PIL import Image
 
 from extractor.datasets import open_dataset
 from extractor.embedder import Embedder
+from extractor.exports import export_feature_set
 from extractor.jobs import run_embed_job
-from extractor.store import SCHEMA_VERSION, EmbeddingStore, export_feature_set
+from extractor.store import SCHEMA_VERSION, EmbeddingStore
 
 
 class MeanColour:

@@ -18,7 +18,8 @@ from extractor.jobs import run_embed_job  # noqa: E402
 from extractor.ray_engine.mapper import ShardEmbedder  # noqa: E402
 from extractor.ray_engine.runner import RayOptions, ray_session, run_ray_embed_job  # noqa: E402
 from extractor.shards import MANIFEST_NAME, Manifest  # noqa: E402
-from extractor.store import EmbeddingStore, export_feature_set  # noqa: E402
+from extractor.exports import export_feature_set  # noqa: E402
+from extractor.store import EmbeddingStore  # noqa: E402
 
 SHARD_SIZE = 64
 CORRUPT = "b/050-corrupt.png"

@@ -12,7 +12,8 @@ from extractor import cli, paths
 from extractor.errors import ChecksumError, InvalidInputError, StoreError
 from extractor.shards import (MANIFEST_NAME, Manifest, ShardRecord, feature_table, import_shards, resume_manifest,
                               shard_file_name, write_feature_table)
-from extractor.store import EmbeddingStore, export_feature_set
+from extractor.exports import export_feature_set
+from extractor.store import EmbeddingStore
 
 FINGERPRINT = "f" * 64
 BACKBONE = {"name": "toy", "output_dim": 8}

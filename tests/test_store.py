@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from extractor.errors import StoreError, UnknownNameError
-from extractor.store import EmbeddingStore, export_feature_set
+from extractor.exports import export_feature_set
+from extractor.store import EmbeddingStore
 
 
 def keys(n, offset=0):
