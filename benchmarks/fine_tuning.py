@@ -46,8 +46,11 @@ def measure(data: str, head: str, batch_size: int, epochs: int, full_head_epochs
     from extractor.models import get_backbone_spec, load_backbone
 
     activations_spec, full_spec = get_backbone_spec("vgg16_block4"), get_backbone_spec("vgg16")
-    images, y = open_dataset(data).arrays()
-    images = list(images)
+    images, labels = [], []
+    for batch in open_dataset(data).batches(4096):  # a list: a few CIFAR-10 JPEGs decode to other shapes
+        images.extend(batch.images)
+        labels.append(batch.labels)
+    y = np.concatenate(labels)
     setup = FineTuning(head, epochs, epochs, batch_size)
 
     classic_times: dict = {}
