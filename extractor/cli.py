@@ -358,7 +358,7 @@ def cmd_serve(args) -> int:
     from extractor.serving.launch import Doors, repository_catalog, saved_heads, serve
     from extractor.serving.requests import Limits
     from extractor.serving.service import FeatureService
-    from extractor.store import EmbeddingStore
+    from extractor.store import open_checked_store
 
     catalog = repository_catalog(args.data_dir, args.model_repository)
     specs = [catalog.spec(name.strip()) for name in args.backbones.split(",") if name.strip()]
@@ -369,7 +369,9 @@ def cmd_serve(args) -> int:
                   max_message_bytes=int(args.max_message_mb * 2**20))
 
     def service(events) -> FeatureService:
-        return FeatureService(specs, EmbeddingStore(paths.store_path(args.store)), catalog=catalog, limits=limits,
+        # SQLite's quick_check first: a damaged store is refused in one line, never served as SERVING
+        store = open_checked_store(paths.store_path(args.store))
+        return FeatureService(specs, store, catalog=catalog, limits=limits,
                               max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000,
                               heads=lambda: saved_heads(args.heads), hot_bytes=int(args.hot_cache_mb * 2**20),
                               events=events)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from extractor.errors import InvalidInputError, LimitExceededError, NotReadyError, UnknownNameError
+from extractor.errors import InvalidInputError, LimitExceededError, NotReadyError, StoreError, UnknownNameError
 from extractor.serving.hot_cache import HotVectors
 from extractor.serving.requests import Call, Limits, RawPixels, to_pixels
 from extractor.serving.service import FeatureService
@@ -180,3 +180,54 @@ def test_concurrent_calls_share_a_batch_and_a_failing_one_does_not_fail_the_othe
         poisoned.result()
     # one batch of all four calls failed; then each call ran alone
     assert backbone.calls == [1, 2, 2, 2]
+
+
+class FillingStore(EmbeddingStore):
+    """A store whose writes fail with a full disk while `full` is set, as SQLite's would."""
+
+    full = False
+
+    def put_many(self, keys, vectors):
+        from extractor.errors import StoreFullError
+
+        if self.full:
+            raise StoreFullError(f"cannot write to store {self.path}: disk full", "disk full")
+        return super().put_many(keys, vectors)
+
+
+def test_a_full_disk_is_a_health_state_and_loses_no_vector(spec, tmp_path):
+    backbone = FakeBackbone(16)
+    store = FillingStore(tmp_path / "store.sqlite")
+    service = FeatureService([spec], store, backbone_loader=lambda _: backbone)
+    health = []
+    service.on_health_change(health.append)
+    service.start()
+    try:
+        assert service.serving
+        store.full = True
+        first = service.embed("vgg16", [image(1)])
+        assert first.ok.all() and not first.cached.any()  # computed and answered, though not stored
+        assert not service.serving and "disk full" in service.storage.problem and health == [False]
+        again = service.embed("vgg16", [image(1)])
+        assert again.cached.all() and np.array_equal(again.vectors, first.vectors)  # kept in memory
+        assert backbone.seen.count(1) == 1  # image 1 computed once
+        store.full = False
+        service.embed("vgg16", [image(2)])
+        assert service.serving and service.storage.problem is None and health == [False, True]
+    finally:
+        service.close()
+
+
+def test_storage_faults_map_to_their_status_in_each_door():
+    import grpc
+
+    from extractor.errors import StoreDamagedError, StoreFullError, StoreIOError
+    from extractor.serving.grpc_status import status_for
+    from extractor.serving.rest import STATUS_BY_ERROR
+
+    rest = dict(STATUS_BY_ERROR)
+    full, read_only = StoreFullError("disk full", "disk full"), StoreIOError("read-only", "read-only")
+    assert status_for(full) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "disk full")
+    assert status_for(read_only)[0] == status_for(StoreDamagedError("damaged"))[0] == grpc.StatusCode.UNAVAILABLE
+    assert next(code for kind, code in STATUS_BY_ERROR if isinstance(full, kind)) == 507
+    assert next(code for kind, code in STATUS_BY_ERROR if isinstance(read_only, kind)) == 503 == rest[StoreError]

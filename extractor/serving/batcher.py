@@ -119,6 +119,8 @@ class MicroBatcher:
         self.batches += 1
         self.images += len(resolved.keys)
         self.events.batch_computed(self.embedder.spec.name, len(resolved.keys), time.perf_counter() - started)
+        if resolved.new_keys:
+            self.events.stored(self.embedder.spec.name, resolved.new_keys, resolved.new_vectors, resolved.store_error)
         start = 0
         for work in works:
             end = start + len(work.images)

@@ -26,6 +26,10 @@ class ServingEvents:
     def decode_failed(self, model: str, count: int) -> None:
         """`count` images of one call could not be decoded or were over a pixel limit."""
 
+    def stored(self, model: str, keys: list[bytes], vectors, error: Exception | None) -> None:
+        """The vectors one backbone call computed (`keys`, (n, d) `vectors`) were written to the store, or
+        could not be: `error`."""
+
 
 class EventFanout(ServingEvents):
     """Passes every report to each of `listeners`."""
@@ -52,6 +56,10 @@ class EventFanout(ServingEvents):
     def decode_failed(self, model: str, count: int) -> None:
         for listener in self.listeners:
             listener.decode_failed(model, count)
+
+    def stored(self, model: str, keys: list[bytes], vectors, error: Exception | None) -> None:
+        for listener in self.listeners:
+            listener.stored(model, keys, vectors, error)
 
 
 @dataclass

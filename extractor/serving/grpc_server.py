@@ -174,6 +174,8 @@ class FeatureServer:
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        service.on_health_change(lambda serving: self._set_health(
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING))
         reflection.enable_server_reflection(
             (SERVICE_NAME, OIP_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         address = f"{host}:{port}"
@@ -192,7 +194,8 @@ class FeatureServer:
     def start(self) -> None:
         """Load and warm up the backbones and heads (blocking), then report SERVING."""
         self.service.start()
-        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._set_health(health_pb2.HealthCheckResponse.SERVING if self.service.serving
+                         else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def stop(self, grace: float) -> None:
         """Report NOT_SERVING, refuse new calls, let in-flight ones finish within `grace` s, close the store."""

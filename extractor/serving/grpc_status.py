@@ -6,8 +6,8 @@ from concurrent.futures import CancelledError
 
 import grpc
 
-from extractor.errors import (AuthenticationError, InvalidInputError, LimitExceededError, NotReadyError,
-                              UnknownNameError)
+from extractor.errors import (AuthenticationError, InvalidInputError, LimitExceededError, NotReadyError, StoreError,
+                              StoreFullError, UnknownNameError)
 
 # Status details travel percent-encoded in trailing metadata, which grpc caps at 8-16 KiB: an error quoting
 # a client's 20 kB name would otherwise reach the client as a transport error instead of its own status.
@@ -18,6 +18,8 @@ STATUS_BY_ERROR = (
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
     (LimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NotReadyError, grpc.StatusCode.UNAVAILABLE),
+    (StoreFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),  # the disk, named in the message
+    (StoreError, grpc.StatusCode.UNAVAILABLE),             # read-only, I/O error, damaged
     (AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
     (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (CancelledError, grpc.StatusCode.CANCELLED),

@@ -21,7 +21,8 @@ from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
-from extractor.errors import (AuthenticationError, InvalidInputError, LimitExceededError, NotReadyError,
+from extractor.errors import (AuthenticationError, InvalidInputError, LimitExceededError, NotReadyError, StoreError,
+                              StoreFullError,
                               UnknownNameError)
 from extractor.serving.metrics import ServingMetrics
 from extractor.serving.oip import (EXTENSIONS, SERVER_NAME, VERSION, InferenceModels, Tensor, from_raw, from_values,
@@ -38,6 +39,8 @@ STATUS_BY_ERROR = (  # the REST door's one table; the body is always {"error": "
     (UnknownNameError, 404),
     (LimitExceededError, 413),
     (NotReadyError, 503),
+    (StoreFullError, 507),   # Insufficient Storage
+    (StoreError, 503),       # read-only, I/O error, damaged: the store, not the request
     (TimeoutError, 504),
     (CancelledError, 499),
 )
@@ -238,7 +241,7 @@ def rest_app(service: FeatureService, metrics: ServingMetrics | None = None, *, 
 
     @app.get("/v2/health/ready")
     def ready() -> Response:
-        return Response(status_code=200 if service.ready else 503)
+        return Response(status_code=200 if service.serving else 503)
 
     @app.get("/v2")
     def metadata() -> dict:

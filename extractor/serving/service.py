@@ -91,6 +91,30 @@ class PendingEmbed:
         return EmbedOutcome(self.served.embedder.fingerprint, vectors, cached, ok, keys, self.errors, self.offset)
 
 
+class StorageState(ServingEvents):
+    """Whether the store takes the vectors the service computes. While writes fail (disk full, read-only, I/O
+    error, damage) the vectors of each call are still answered, and kept in the hot cache so a repeated
+    image is not computed again; the first write that succeeds ends the fault."""
+
+    def __init__(self, hot: HotVectors, on_change: Callable[[], None]):
+        self.hot, self.on_change = hot, on_change
+        self.problem: str | None = None
+        self._lock = threading.Lock()
+
+    def stored(self, model: str, keys: list[bytes], vectors, error: Exception | None) -> None:
+        if error is not None:
+            self.hot.put_many(dict(zip(keys, vectors)))
+        problem = None if error is None else str(error)
+        with self._lock:
+            changed, self.problem = problem != self.problem, problem
+        if changed:
+            if problem:
+                log.error("the store takes no writes (%s): health NOT_SERVING, vectors kept in memory", problem)
+            else:
+                log.warning("the store takes writes again: health SERVING")
+            self.on_change()
+
+
 class FeatureService:
     """Serves frozen backbones' embeddings and heads' predictions through one store.
 
@@ -122,7 +146,9 @@ class FeatureService:
         self.stream_window = stream_window
         self.hot = HotVectors(hot_bytes)
         self.statistics = UsageStatistics()
-        self.events: ServingEvents = EventFanout([self.statistics, *events])
+        self.storage = StorageState(self.hot, self._health_changed)
+        self.events: ServingEvents = EventFanout([self.statistics, self.storage, *events])
+        self._health_listeners: list[Callable[[bool], None]] = []
         self.models = LoadedModels(catalog, self._build, drain_seconds)
         self.heads: dict[str, Head] = {}
         self._ready = threading.Event()
@@ -161,6 +187,19 @@ class FeatureService:
     @property
     def ready(self) -> bool:
         return self._ready.is_set()
+
+    @property
+    def serving(self) -> bool:
+        """What health reports: started, and the store takes writes (calls are answered either way)."""
+        return self.ready and self.storage.problem is None
+
+    def on_health_change(self, listener: Callable[[bool], None]) -> None:
+        """Call `listener(serving)` whenever storage faults start or end (a door's health follows it)."""
+        self._health_listeners.append(listener)
+
+    def _health_changed(self) -> None:
+        for listener in self._health_listeners:
+            listener(self.serving)
 
     def require_ready(self) -> None:
         if not self._ready.is_set():
