@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -203,7 +204,7 @@ def main() -> None:
     unknown = sorted(set(networks) - set(NETWORKS))
     if unknown:
         parser.error(f"unknown network(s) {', '.join(unknown)}; known: {', '.join(NETWORKS)}")
-    results = {"forward": {}}
+    results = {"forward": {}, "load_average_at_start": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="runtimes-") as scratch:
         repository = ModelRepository(Path(scratch) / "repository")
         for network in networks:
@@ -217,6 +218,7 @@ def main() -> None:
                      ["vgg16"] + [converted[v] for v in EMBED_VARIANTS if v in converted]}
             results["embed_path"] = embed_path(specs, args.embed_rounds, scratch)
             results["targets"] = print_embed_path(results["embed_path"], "vgg16")
+    results["load_average_at_end"] = os.getloadavg()  # other work on the cores shows in every absolute figure
     print(f"\nwrote {write_results('runtimes', results)}")
 
 
