@@ -239,3 +239,37 @@ def test_the_server_binds_to_loopback_unless_told_otherwise(spec, tmp_path):
         assert listening_addresses(server.port) <= LOOPBACK and listening_addresses(server.port)
     finally:
         server.stop(grace=0)
+
+
+def test_two_authorization_headers_are_refused_even_with_the_right_token(guarded_server):
+    good, bad = ("authorization", f"Bearer {TOKEN}"), ("authorization", "Bearer wrong")
+    service, method = EVERY_METHOD[0].values
+    with grpc.insecure_channel(f"127.0.0.1:{guarded_server.port}") as channel:
+        for twice in ((good, good), (bad, good), (good, bad)):
+            assert status_of_a_call(channel, service, method, twice) == grpc.StatusCode.UNAUTHENTICATED
+    http = HttpServer(rest_app(guarded_server.service, guarded_server.metrics, token=TOKEN))
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{http.port}", timeout=10) as client:
+            twice = [("Authorization", f"Bearer {TOKEN}"), ("Authorization", "Bearer wrong")]
+            assert client.get("/v2/health/ready", headers=twice).status_code == 401
+            assert client.get("/v2/health/ready", headers={"Authorization": f"Bearer {TOKEN}"}).status_code != 401
+    finally:
+        http.stop(1)
+
+
+@pytest.mark.parametrize("door", ["--port", "--http-port"])
+def test_a_port_in_use_is_one_line_and_exit_2(tmp_path, data_dir, door):
+    import socket
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        ports = {"--port": "0", "--http-port": "0"} | {door: port}
+        out = subprocess.run([sys.executable, "-m", "extractor", "--data-dir", str(data_dir), "serve",
+                              "--store", str(tmp_path / "store.sqlite"), *[a for kv in ports.items() for a in kv]],
+                             capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1

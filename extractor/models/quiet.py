@@ -1,5 +1,6 @@
-"""TensorFlow without its native start-up notices: they are printed on file descriptor 2 before any logging
-that could filter them exists (absl's pre-init warning, oneDNN's and XNNPACK's notices)."""
+"""Native libraries without their own stderr notices: TensorFlow's start-up banners (absl's pre-init warning,
+oneDNN's and XNNPACK's notices) and grpc's core messages are printed on file descriptor 2 before or beside
+any logging that could filter them."""
 
 from __future__ import annotations
 

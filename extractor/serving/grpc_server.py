@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from extractor.errors import AuthenticationError, InvalidInputError
+from extractor.models.quiet import native_stderr_silenced
 from extractor.serving.grpc_status import status_for
 from extractor.serving.metrics import ServingMetrics
 from extractor.serving.oip_grpc import InferenceServicer
@@ -59,8 +60,10 @@ class CallGuard(grpc.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
-        authorized = self._expected is None or hmac.compare_digest(
-            dict(handler_call_details.invocation_metadata).get("authorization", "").encode(), self._expected)
+        # Exactly one authorization header: with two, which one a proxy or a server reads is anyone's guess.
+        tokens = [value for key, value in handler_call_details.invocation_metadata if key == "authorization"]
+        authorized = self._expected is None or (
+            len(tokens) == 1 and hmac.compare_digest(str(tokens[0]).encode(), self._expected))
         if authorized and method.startswith(HEALTH_METHODS):
             return handler  # health as grpc ships it, with its own non-blocking Watch
         protocol = PROTOCOL_OF_SERVICE.get(method.split("/")[1]) if self.metrics else None
@@ -179,11 +182,16 @@ class FeatureServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, OIP_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         address = f"{host}:{port}"
-        if tls:
-            cert, key = tls
-            self.port = self.server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
-        else:
-            self.port = self.server.add_insecure_port(address)
+        try:
+            with native_stderr_silenced():  # grpc's C core prints its own bind failure there
+                if tls:
+                    cert, key = tls
+                    self.port = self.server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
+                else:
+                    self.port = self.server.add_insecure_port(address)
+        except RuntimeError:  # grpc says only "Failed to bind"
+            raise InvalidInputError(f"cannot listen on {address}: the port is in use, or the address is not "
+                                    "one of this machine's") from None
         self.host = host
         self.server.start()
 

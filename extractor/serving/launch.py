@@ -74,13 +74,19 @@ def serve(service_factory, doors: Doors, grace: float) -> int:
     server = FeatureServer(service, host=doors.host, port=doors.port, token=doors.token, tls=doors.tls,
                            max_message_bytes=doors.max_message_bytes, metrics=metrics)
     http_servers = []
-    if doors.http_port is not None:
-        http_servers.append(HttpServer(rest_app(service, metrics, token=doors.token,
-                                                max_body_bytes=doors.max_message_bytes),
-                                       host=doors.host, port=doors.http_port, tls=doors.tls))
-    if doors.metrics_port is not None:
-        http_servers.append(HttpServer(metrics_app(metrics, token=doors.token), host=doors.host,
-                                       port=doors.metrics_port, tls=doors.tls))
+    try:
+        if doors.http_port is not None:
+            http_servers.append(HttpServer(rest_app(service, metrics, token=doors.token,
+                                                    max_body_bytes=doors.max_message_bytes),
+                                           host=doors.host, port=doors.http_port, tls=doors.tls))
+        if doors.metrics_port is not None:
+            http_servers.append(HttpServer(metrics_app(metrics, token=doors.token), host=doors.host,
+                                           port=doors.metrics_port, tls=doors.tls))
+    except BaseException:
+        for http in http_servers:
+            http.stop(0)
+        server.server.stop(0)
+        raise
     print(f"listening on {doors.host}:{server.port}", flush=True)
     for http in http_servers:
         print(f"http on {doors.host}:{http.port}", flush=True)

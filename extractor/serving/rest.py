@@ -203,7 +203,8 @@ def _guard_token(app: FastAPI, token: str | None) -> None:
 
     @app.middleware("http")
     async def require_token(request: Request, call_next):
-        if not hmac.compare_digest(request.headers.get("authorization", "").encode(), expected):
+        tokens = request.headers.getlist("authorization")  # two headers: refused, not the last one believed
+        if len(tokens) != 1 or not hmac.compare_digest(tokens[0].encode(), expected):
             return error_response(AuthenticationError(
                 "missing or wrong token: send the header 'Authorization: Bearer <token>'"))
         return await call_next(request)
@@ -311,7 +312,11 @@ class HttpServer:
 
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM)
-        self.socket.bind((host, port))
+        try:
+            self.socket.bind((host, port))
+        except OSError as exc:
+            self.socket.close()
+            raise InvalidInputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         self.port = self.socket.getsockname()[1]
         options = {}
         folder = None
