@@ -441,7 +441,7 @@ class ExperimentRunner:
 
         epochs = self.settings.epochs_for(method)
         runs, reused = self._pixel_trials(experiment, method, epochs, build,
-                                          {"backbone": spec.fingerprint, "timing": "steady-state steps"})
+                                          {"backbone": spec.fingerprint, "timing": "steady-state steps, epoch overhead"})
         per_trial = float(np.median([r.seconds_per_epoch for r in runs])) * method.epochs
         full_trials = epochs == method.epochs
         ranges = [r.seconds_per_epoch_range for r in runs if r.seconds_per_epoch_range]
