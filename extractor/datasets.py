@@ -153,13 +153,19 @@ class Dataset:
             return exc
 
     def arrays(self, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """All readable images as one (n, H, W, C) uint8 array with labels (n,); they must share a shape."""
+        """All readable images as one (n, H, W, C) uint8 array with labels (n,); they must share a size.
+
+        Grayscale images among colour ones (canonical pixels keep an RGB image with three equal channels
+        as gray) are repeated to 3 channels, as preprocessing does for a 3-channel model.
+        """
         images, labels = [], []
         for batch in self.batches(4096, limit):
             images.extend(batch.images)
             labels.append(batch.labels)
-        if len({image.shape for image in images}) > 1:
-            raise InvalidInputError(f"{self.spec}: images of several shapes cannot form one array")
+        if len({image.shape[:2] for image in images}) > 1:
+            raise InvalidInputError(f"{self.spec}: images of several sizes cannot form one array")
+        if len({image.shape[2] for image in images}) > 1:
+            images = [np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image for image in images]
         return np.stack(images), np.concatenate(labels)
 
     def subset(self, indices: np.ndarray, spec: str) -> "Dataset":

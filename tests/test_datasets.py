@@ -126,3 +126,12 @@ def test_any_spec_takes_a_seeded_per_class_sample(tmp_path):
     x = np.zeros((6, 4, 4), np.uint8)
     np.savez(tmp_path / "d.npz", x=x, y=np.array([0, 0, 0, 1, 1, 1]))
     assert len(open_dataset(f"npz:{tmp_path / 'd.npz'}?per_class=2")) == 4
+
+
+def test_gray_images_among_colour_ones_form_one_colour_array(tmp_path):
+    for name, pixels in (("colour", np.arange(48, dtype=np.uint8).reshape(4, 4, 3)),
+                         ("gray", np.repeat(np.full((4, 4, 1), 7, np.uint8), 3, axis=2))):  # three equal channels
+        (tmp_path / "a").mkdir(exist_ok=True)
+        Image.fromarray(pixels).save(tmp_path / "a" / f"{name}.png")
+    x, y = open_dataset(f"folder:{tmp_path}").arrays()
+    assert x.shape == (2, 4, 4, 3) and (x[[i for i in range(2) if x[i].max() == 7][0]] == 7).all()
