@@ -47,6 +47,21 @@ def session_cache(tmp_path_factory):
         os.environ["EXTRACTOR_CACHE_DIR"] = old
 
 
+def small_image_model(side: int, filters: int, embedding_units: int | None = None):
+    """A seeded functional image model made here: conv -> relu -> global average pool [-> dense
+    'embedding'] -> dense 'logits' (5 classes), its input named 'pixels'."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((side, side, 3), name="pixels")
+    x = keras.layers.Conv2D(filters, 3, name="conv")(inputs)
+    x = keras.layers.ReLU(name="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    if embedding_units:
+        x = keras.layers.Dense(embedding_units, name="embedding")(x)
+    return keras.Model(inputs, keras.layers.Dense(5, name="logits")(x))
+
+
 def make_npz(path, n: int, seed: int = 0, size: int = 32, classes: int = 3):
     """A small npz dataset of random uint8 images (n, size, size, 3) with labels; returns its data spec."""
     rng = np.random.default_rng(seed)

@@ -6,6 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from conftest import small_image_model
 from extractor.cli import main
 from extractor.errors import ChecksumError, InvalidInputError
 from extractor.models import ModelRepository, load_backbone
@@ -25,16 +26,8 @@ def _unit(images):
 
 @pytest.fixture(scope="module")
 def keras_model():
-    """A small functional image model: conv -> relu -> global average pool -> dense logits."""
-    import keras
-
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((SIDE, SIDE, 3), name="pixels")
-    x = keras.layers.Conv2D(6, 3, name="conv")(inputs)
-    x = keras.layers.ReLU(name="relu")(x)
-    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
-    outputs = keras.layers.Dense(5, name="logits")(x)
-    return keras.Model(inputs, outputs)
+    """A small functional image model: conv (6 filters) -> relu -> global average pool -> dense logits."""
+    return small_image_model(SIDE, 6)
 
 
 @pytest.fixture(scope="module")

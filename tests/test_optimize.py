@@ -7,6 +7,7 @@ import tomllib
 import numpy as np
 import pytest
 
+from conftest import small_image_model
 from extractor.cli import main
 from extractor.errors import InvalidInputError
 from extractor.models import ModelRepository, load_backbone
@@ -25,19 +26,10 @@ def _images(n=6, seed=0):
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory):
-    """conv -> relu -> global average pool -> dense 'embedding' (2,048 weights: enough for the TFLite
-    converter to quantize them; it leaves tensors under 1,024 elements in float) -> dense logits."""
-    import keras
-
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((SIDE, SIDE, 3), name="pixels")
-    x = keras.layers.Conv2D(32, 3, name="conv")(inputs)
-    x = keras.layers.ReLU(name="relu")(x)
-    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
-    x = keras.layers.Dense(64, name="embedding")(x)
-    outputs = keras.layers.Dense(5, name="logits")(x)
+    """The small model with a dense 'embedding' of 2,048 weights: enough for the TFLite converter to
+    quantize them (it leaves tensors under 1,024 elements in float)."""
     path = tmp_path_factory.mktemp("optimize") / "model.keras"
-    keras.Model(inputs, outputs).save(path)
+    small_image_model(SIDE, 32, embedding_units=64).save(path)
     return path
 
 
