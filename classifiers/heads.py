@@ -34,9 +34,6 @@ from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_dat
 
 log = logging.getLogger(__name__)
 
-MIX_GOLDEN = 0x9E3779B97F4A7C15
-MIX_MUL1 = 0xBF58476D1CE4E5B9
-MIX_MUL2 = 0x94D049BB133111EB
 HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
 
@@ -79,11 +76,6 @@ def resolve_seed(random_state) -> int:
         check_random_state(random_state)  # rejects negative and over-2**32 seeds
         return int(random_state)
     return int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
-
-
-def dropout_threshold(rate: float) -> int:
-    """Units whose 24-bit draw is at least this are kept: ceil(rate * 2**24)."""
-    return math.ceil(rate * (1 << 24))
 
 
 def initial_weights(spec: HeadSpec, n_features: int, n_classes: int, seed: int) -> list[np.ndarray]:

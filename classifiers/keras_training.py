@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from classifiers.heads import MIX_GOLDEN, MIX_MUL1, MIX_MUL2, dropout_threshold
+from classifiers.dropout import MIX_GOLDEN, MIX_MUL1, MIX_MUL2, dropout_threshold
 
 
 def _scramble(z: tf.Tensor) -> tf.Tensor:

@@ -33,16 +33,8 @@ import numba
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from classifiers.heads import (
-    MIX_GOLDEN,
-    MIX_MUL1,
-    MIX_MUL2,
-    KerasHead,
-    dropout_threshold,
-    epoch_permutations,
-    head_spec,
-    initial_weights,
-)
+from classifiers.dropout import MIX_GOLDEN, MIX_MUL1, MIX_MUL2, dropout_threshold
+from classifiers.heads import KerasHead, epoch_permutations, head_spec, initial_weights
 
 log = logging.getLogger(__name__)
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from extractor.console import run_command
 from extractor.errors import InvalidInputError
@@ -355,7 +356,7 @@ def add_service_commands(commands) -> None:
 
 def cmd_serve(args) -> int:
     from extractor import paths
-    from extractor.serving.launch import Doors, repository_catalog, saved_heads, serve
+    from extractor.serving.launch import Doors, repository_catalog, serve
     from extractor.serving.requests import Limits
     from extractor.serving.service import FeatureService
     from extractor.store import open_checked_store
@@ -376,6 +377,29 @@ def cmd_serve(args) -> int:
                               heads=lambda: saved_heads(args.heads), hot_bytes=int(args.hot_cache_mb * 2**20),
                               events=events)
     return serve(service, doors, grace=args.grace)
+
+
+def load_saved_head(path: Path):
+    """Load a head written by `classifiers.persistence.save_head`; its name is the file's stem."""
+    import numpy as np
+
+    from classifiers.persistence import load_head, read_sidecar
+    from extractor.serving.heads import Head
+
+    metadata = read_sidecar(path)
+    model = load_head(path)  # checks the file's sha256 against the sidecar first
+    names = list(metadata["class_names"])
+    # predict_proba's columns follow model.classes_: integer labels index the class names
+    columns = [names[int(c)] if isinstance(c, (int, np.integer)) and 0 <= c < len(names) else str(c)
+               for c in model.classes_]
+    return Head(path.stem, metadata["backbone_fingerprint"], columns, model)
+
+
+def saved_heads(directory: str | Path | None) -> dict:
+    """Every head saved in `directory` by name (none when no directory is given): what `serve` hands the core."""
+    from extractor.serving.heads import load_heads
+
+    return load_heads(directory, load_saved_head) if directory is not None else {}
 
 
 def read_token(path: str | None) -> str | None:

@@ -14,7 +14,7 @@ from classifiers.persistence import save_head
 from extractor import paths
 from extractor.models import get_backbone_spec, load_backbone
 from extractor.serving.grpc_server import FeatureServer
-from extractor.serving.launch import saved_heads
+from extractor.cli import saved_heads
 from extractor.serving.metrics import ServingMetrics
 from extractor.serving.requests import Limits
 from extractor.serving.service import FeatureService

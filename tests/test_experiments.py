@@ -124,7 +124,7 @@ def test_compare_refuses_sets_from_different_backbones(tmp_path):
 
 @pytest.mark.parametrize("head", ["logreg", "linear"])
 def test_a_trained_and_saved_head_is_served_with_its_class_names(tmp_path, head):
-    from extractor.serving.launch import saved_heads
+    from extractor.cli import saved_heads
 
     store_path = tmp_path / "s.sqlite"
     synthetic_sets(store_path, np.random.default_rng(1))

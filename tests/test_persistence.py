@@ -147,7 +147,7 @@ def test_a_link_out_of_the_heads_folder_is_refused(data, tmp_path):
 
 def test_the_service_refuses_a_planted_pickle_and_a_link_out_at_start(data, tmp_path):
     """What the server loads goes through `load_head`: a pickle with a forged sidecar is never unpickled."""
-    from extractor.serving.launch import saved_heads
+    from extractor.cli import saved_heads
 
     heads, marker = tmp_path / "heads", tmp_path / "the pickle ran"
     save_head(fitted("ridge", data), heads / "lr", backbone_fingerprint="f" * 64, class_names=CLASSES)

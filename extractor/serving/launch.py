@@ -1,5 +1,5 @@
-"""The `serve` command's wiring: saved heads (through classifiers.persistence), the model repository as a catalog,
-the core, its doors (gRPC, REST, metrics) and signals; heads are read here so the core needs no classifiers."""
+"""The `serve` command's wiring: the model repository as a catalog, the core, its doors (gRPC, REST, metrics)
+and signals. Saved heads are handed in by the command that starts the server, so serving needs no classifiers."""
 
 from __future__ import annotations
 
@@ -7,32 +7,10 @@ import logging
 import signal
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
-
-from extractor.serving.heads import Head, load_heads
 from extractor.serving.loaded_models import Catalog
 
 log = logging.getLogger(__name__)
-
-
-def load_saved_head(path: Path) -> Head:
-    """Load a head written by `classifiers.persistence.save_head`; its name is the file's stem."""
-    from classifiers.persistence import load_head, read_sidecar
-
-    metadata = read_sidecar(path)
-    model = load_head(path)  # checks the file's sha256 against the sidecar first
-    names = list(metadata["class_names"])
-    # predict_proba's columns follow model.classes_: integer labels index the class names
-    columns = [names[int(c)] if isinstance(c, (int, np.integer)) and 0 <= c < len(names) else str(c)
-               for c in model.classes_]
-    return Head(path.stem, metadata["backbone_fingerprint"], columns, model)
-
-
-def saved_heads(directory: str | Path | None) -> dict[str, Head]:
-    """Every head saved in `directory` by name (none when no directory is given)."""
-    return load_heads(directory, load_saved_head) if directory is not None else {}
 
 
 def repository_catalog(data_dir: str | None, repository: str | None = None) -> Catalog:
