@@ -11,7 +11,7 @@ from pathlib import Path
 
 from extractor import paths
 from extractor.errors import InvalidInputError, UnknownNameError
-from extractor.models.config import CONFIG_FILE, ModelConfig, read_config, write_config
+from extractor.models.config import ModelConfig, read_config, write_config
 from extractor.models.preprocessing import Preprocessing
 from extractor.models.spec import BackboneSpec
 
@@ -79,9 +79,6 @@ class ModelRepository:
                             preprocessing=config.preprocessing, pooling=config.pooling)
         return spec.configure(input_size=input_size, recipe=recipe, pooling=pooling)
 
-    def is_shipped(self, name: str) -> bool:
-        return self.entries()[name].parent == SHIPPED
-
     def remove(self, name: str) -> Path:
         entries = self.entries()
         if name not in entries:
@@ -100,14 +97,14 @@ class ModelRepository:
         The file is copied into the entry's folder (or, with `copy=False`, referred to where it is: as
         `{data}/...` when it lies in the shared data folder). Nothing is left behind when a check fails.
         """
-        from extractor.models.backbone import FrozenBackbone
         from extractor.models.runtimes import check_cut, inspect_model
 
         if not _NAME.match(name):
             raise InvalidInputError(f"model name {name!r}: use letters, digits, '.', '_' or '-' (64 at most), "
                                     "starting with a letter or digit")
-        if name in self.entries():
-            raise InvalidInputError(f"a model named {name!r} exists already ({self.entries()[name]}); "
+        existing = self.entries()
+        if name in existing:
+            raise InvalidInputError(f"a model named {name!r} exists already ({existing[name]}); "
                                     "remove it first or choose another name")
         source = Path(source).expanduser().resolve()
         if not source.exists():
