@@ -21,9 +21,9 @@ from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
-from extractor.errors import (AuthenticationError, InvalidInputError, LimitExceededError, NotReadyError, StoreError,
-                              StoreFullError,
-                              UnknownNameError)
+from extractor.errors import (AuthenticationError, InvalidInputError, LimitExceededError, NotReadyError,
+                              ServerBusyError, StoreError, StoreFullError, UnknownNameError)
+from extractor.serving.concurrency import ServerSlots
 from extractor.serving.metrics import ServingMetrics
 from extractor.serving.oip import (EXTENSIONS, SERVER_NAME, VERSION, InferenceModels, Tensor, from_raw, from_values,
                                    raw_of, server_version)
@@ -37,6 +37,7 @@ STATUS_BY_ERROR = (  # the REST door's one table; the body is always {"error": "
     (InvalidInputError, 400),
     (AuthenticationError, 401),
     (UnknownNameError, 404),
+    (ServerBusyError, 503),  # with Retry-After: the server is at its cap of calls in flight
     (LimitExceededError, 413),
     (NotReadyError, 503),
     (StoreFullError, 507),   # Insufficient Storage
@@ -50,7 +51,10 @@ MAX_ERROR_CHARS = 2000
 def error_response(error: BaseException) -> JSONResponse:
     for kind, status in STATUS_BY_ERROR:
         if isinstance(error, kind):
-            return JSONResponse({"error": (str(error) or kind.__name__)[:MAX_ERROR_CHARS]}, status_code=status)
+            retry_after = getattr(error, "retry_after", None)
+            headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None
+            return JSONResponse({"error": (str(error) or kind.__name__)[:MAX_ERROR_CHARS]}, status_code=status,
+                                headers=headers)
     log.error("REST call failed", exc_info=error)
     return JSONResponse({"error": "internal error; the server logged the details"}, status_code=500)
 
@@ -226,9 +230,21 @@ def metrics_app(metrics: ServingMetrics, *, token: str | None = None) -> FastAPI
 
 
 def rest_app(service: FeatureService, metrics: ServingMetrics | None = None, *, token: str | None = None,
-             max_body_bytes: int = 64 * 2**20) -> FastAPI:
-    """The protocol's REST paths on `service`, and /metrics when `metrics` is given."""
+             max_body_bytes: int = 64 * 2**20, slots: ServerSlots | None = None) -> FastAPI:
+    """The protocol's REST paths on `service`, and /metrics when `metrics` is given.
+
+    Calls that do work (infer, load, unload) each hold one of `slots.calls` (shared with the gRPC doors) while
+    they run on a thread, and get 503 with Retry-After over the cap; health and metadata run on the event loop,
+    so no number of calls in flight keeps them waiting for a thread."""
     models = InferenceModels(service)
+    calls = (slots or ServerSlots()).calls
+
+    async def in_call_slot(work: Callable, *args):
+        calls.take()
+        try:
+            return await run_in_threadpool(work, *args)
+        finally:
+            calls.release()
     app = FastAPI(title=SERVER_NAME, openapi_url=None, docs_url=None, redoc_url=None)
     app.router.route_class = DoorRoute
     app.state.metrics = metrics
@@ -237,34 +253,34 @@ def rest_app(service: FeatureService, metrics: ServingMetrics | None = None, *, 
         _add_metrics(app, metrics)
 
     @app.get("/v2/health/live")
-    def live() -> Response:
+    async def live() -> Response:
         return Response(status_code=200)
 
     @app.get("/v2/health/ready")
-    def ready() -> Response:
+    async def ready() -> Response:
         return Response(status_code=200 if service.serving else 503)
 
     @app.get("/v2")
-    def metadata() -> dict:
+    async def metadata() -> dict:
         return {"name": SERVER_NAME, "version": server_version(), "extensions": EXTENSIONS}
 
     @app.get("/v2/models/stats")
-    def all_statistics() -> dict:
+    async def all_statistics() -> dict:
         return statistics_body(models)
 
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
-    def model_metadata(name: str, version: str = "") -> dict:
+    async def model_metadata(name: str, version: str = "") -> dict:
         return models.metadata(name, version)
 
     @app.get("/v2/models/{name}/ready")
     @app.get("/v2/models/{name}/versions/{version}/ready")
-    def model_ready(name: str, version: str = "") -> Response:
+    async def model_ready(name: str, version: str = "") -> Response:
         return Response(status_code=200 if models.ready(name, version) else 400)
 
     @app.get("/v2/models/{name}/stats")
     @app.get("/v2/models/{name}/versions/{version}/stats")
-    def model_statistics(name: str, version: str = "") -> dict:
+    async def model_statistics(name: str, version: str = "") -> dict:
         return statistics_body(models, name, version)
 
     @app.post("/v2/models/{name}/infer")
@@ -280,7 +296,7 @@ def rest_app(service: FeatureService, metrics: ServingMetrics | None = None, *, 
         inputs = input_tensors(header, binary)
         requested, binary_outputs = requested_outputs(header)
         default_binary = bool(parameters_of(header).get("binary_data_output", False))
-        outputs = await run_in_threadpool(models.infer, name, version, inputs, requested)
+        outputs = await in_call_slot(models.infer, name, version, inputs, requested)
         return infer_response(name, header.get("id"), outputs, lambda key: binary_outputs.get(key, default_binary))
 
     @app.post("/v2/repository/index")
@@ -292,12 +308,12 @@ def rest_app(service: FeatureService, metrics: ServingMetrics | None = None, *, 
 
     @app.post("/v2/repository/models/{name}/load")
     async def load(name: str) -> Response:
-        await run_in_threadpool(service.load_model, name)
+        await in_call_slot(service.load_model, name)
         return Response(status_code=200)
 
     @app.post("/v2/repository/models/{name}/unload")
     async def unload(name: str) -> Response:
-        await run_in_threadpool(service.unload_model, name)
+        await in_call_slot(service.unload_model, name)
         return Response(status_code=200)
 
     return app
