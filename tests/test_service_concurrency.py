@@ -184,7 +184,7 @@ def test_a_silent_stream_is_closed_after_the_idle_timeout_and_frees_its_slot(hel
         next(stream)
     assert 0.5 <= time.monotonic() - started < 0.5 + QUICK
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert "the client sent nothing for 0.5 s" in caught.value.details()
+    assert "no request message arrived for 0.5 s" in caught.value.details()
     assert "--stream-idle-seconds" in caught.value.details()
     wait_until(lambda: server.server.slots.streams.held == 0)
     assert len(list(server.own.EmbedStream(iter([embed_request(1)]), timeout=30))) == 1
@@ -242,3 +242,15 @@ def test_health_and_metadata_answer_within_a_second_with_twice_the_stream_cap_he
     # the streams over the cap were refused rather than left to hang; those within it are still open
     ended = [stream.code() for stream in streams if stream.done()]
     assert ended == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 4
+
+
+def test_a_unary_call_whose_message_never_arrives_is_closed_too(held):
+    """A client that opens Embed and never finishes its request message holds no thread past the idle timeout."""
+    server = held(max_calls=1, stream_idle_seconds=0.5)
+    never_sent = server.channel.stream_unary(f"/{pb.DESCRIPTOR.services_by_name['FeatureService'].full_name}/Embed")
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as caught:
+        server.idle_stream(never_sent)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - started < 0.5 + QUICK
+    wait_until(lambda: server.server.slots.calls.held == 0)
+    assert server.own.Embed(embed_request(4), timeout=30).vectors.rows == 1

@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from extractor.errors import AuthenticationError, InvalidInputError
 from extractor.models.quiet import native_stderr_silenced
-from extractor.serving.concurrency import CallSlots, ConcurrencyLimits, ServerSlots
+from extractor.serving.concurrency import CallSlots, ServerSlots
 from extractor.serving.grpc_status import status_for
 from extractor.serving.metrics import ServingMetrics
 from extractor.serving.oip_grpc import InferenceServicer
@@ -98,8 +98,7 @@ class CallGuard(grpc.ServerInterceptor):
                 if lane.slots.full:
                     return _refusal(method, lane.slots.busy_error(), metrics, protocol)
                 pool = lane
-        watch = self.watch if handler.request_streaming else None
-        return _guarded(handler, method, metrics, protocol, pool, watch)
+        return _guarded(handler, method, metrics, protocol, pool, self.watch)
 
 
 class _Malformed:
@@ -129,47 +128,61 @@ def _parsed(request):
 
 def _guarded(handler: grpc.RpcMethodHandler, method: str, metrics: ServingMetrics | None, protocol: str | None,
              pool: futures.ThreadPoolExecutor | None, watch: StreamWatch | None) -> grpc.RpcMethodHandler:
+    """`handler` wrapped in the guard, run on `pool` (None: the reserve). With a `watch`, requests are read under
+    it: a stream's for as long as it is open, a unary call's one message before the method runs (grpc is told
+    that every call is client-streaming, so no thread waits unwatched for a message a client trickles in)."""
     kind = ("stream" if handler.request_streaming else "unary") + "_" + \
            ("stream" if handler.response_streaming else "unary")
     behavior = getattr(handler, kind)
 
-    def parsed(request):
-        return (_parsed(r) for r in request) if handler.request_streaming else _parsed(request)
+    def incoming(request, stream: WatchedStream | None):
+        if handler.request_streaming:
+            return (_parsed(r) for r in (stream.requests(request) if stream else request))
+        return _parsed(stream.one_request(request) if stream else request)
 
-    def record(request, context, started: float) -> None:
+    def watched(context):
+        if watch is None:
+            return contextlib.nullcontext()
+        return watch.watching(context, answers_each=handler.request_streaming and handler.response_streaming)
+
+    def record(model: str, context, started: float) -> None:
         if metrics is not None:
             code = context.code() or grpc.StatusCode.OK
-            model = "" if handler.request_streaming else model_of(request)
             metrics.request_finished(model, protocol, code.name, time.perf_counter() - started)
+
+    def model_in(message) -> str:
+        return "" if handler.request_streaming else model_of(message)
 
     if handler.response_streaming:
         def guarded(request, context):
-            started = time.perf_counter()
-            with metrics.in_flight(protocol) if metrics else contextlib.nullcontext(), \
-                    watch.watching(context, answers_each=True) if watch else contextlib.nullcontext() as stream:
+            started, model = time.perf_counter(), ""
+            with metrics.in_flight(protocol) if metrics else contextlib.nullcontext(), watched(context) as stream:
                 try:
-                    requests = parsed(stream.requests(request) if stream else request)
-                    responses = behavior(requests, context)
+                    message = incoming(request, stream)
+                    model = model_in(message)
+                    responses = behavior(message, context)
                     yield from stream.responses(responses) if stream else responses
                 except Exception as exc:
                     _abort(context, method, exc)
                 finally:
-                    record(request, context, started)
+                    record(model, context, started)
     else:
         def guarded(request, context):
-            started = time.perf_counter()
-            with metrics.in_flight(protocol) if metrics else contextlib.nullcontext(), \
-                    watch.watching(context, answers_each=False) if watch else contextlib.nullcontext() as stream:
+            started, model = time.perf_counter(), ""
+            with metrics.in_flight(protocol) if metrics else contextlib.nullcontext(), watched(context) as stream:
                 try:
-                    return behavior(parsed(stream.requests(request) if stream else request), context)
+                    message = incoming(request, stream)
+                    model = model_in(message)
+                    return behavior(message, context)
                 except Exception as exc:
                     _abort(context, method, exc)
                 finally:
-                    record(request, context, started)
+                    record(model, context, started)
 
     if pool is not None:
         guarded.experimental_thread_pool = pool  # grpc runs the call on this lane's threads
-    make = getattr(grpc, f"{kind}_rpc_method_handler")
+    reads = "stream" if handler.request_streaming or watch is not None else "unary"
+    make = getattr(grpc, f"{reads}_{'stream' if handler.response_streaming else 'unary'}_rpc_method_handler")
     return make(guarded, request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
 
@@ -264,6 +277,15 @@ class WatchedStream:
         self.sending_since: float | None = None
         self.reading = True
 
+    def one_request(self, iterator):
+        """The one message of a unary call; once it is in, the call no longer waits on its client."""
+        try:
+            return next(iterator)
+        except StopIteration:
+            raise InvalidInputError("the call ended without its request message") from None
+        finally:
+            self.reading = False
+
     def requests(self, iterator) -> Iterator:
         for request in iterator:
             self.received += 1
@@ -286,14 +308,15 @@ class WatchedStream:
             return f"the client read no response for {idle_seconds:g} s"
         answered = self.sent >= self.received or not self.answers_each
         if self.reading and answered and now - self.last_activity > idle_seconds:
-            return f"the client sent nothing for {idle_seconds:g} s"
+            return f"no request message arrived for {idle_seconds:g} s"
         return None
 
 
 class StreamWatch:
-    """Closes streams that wait on their client longer than `idle_seconds`, with DEADLINE_EXCEEDED and a message
-    saying why, so that a client opening streams and sending nothing frees their threads and slots. One thread
-    looks over every stream of the server a few times per `idle_seconds`."""
+    """Closes calls that wait on their client longer than `idle_seconds`, with DEADLINE_EXCEEDED and a message
+    saying why, so that a client opening streams and sending nothing (or trickling in a unary call's message)
+    frees their threads and slots. One thread looks over every call of the server a few times per
+    `idle_seconds`."""
 
     def __init__(self, idle_seconds: float):
         self.idle_seconds = idle_seconds
