@@ -3,6 +3,7 @@ binary tensor extension (`Inference-Header-Content-Length`), `/metrics`, the tok
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -31,6 +32,11 @@ from extractor.serving.service import FeatureService
 
 log = logging.getLogger(__name__)
 
+
+class SlowBodyError(Exception):
+    """A request body that stopped arriving: the REST door's counterpart of a silent stream."""
+
+
 PROTOCOL = "oip-http"
 HEADER_LENGTH = "inference-header-content-length"
 STATUS_BY_ERROR = (  # the REST door's one table; the body is always {"error": "..."}
@@ -42,6 +48,7 @@ STATUS_BY_ERROR = (  # the REST door's one table; the body is always {"error": "
     (NotReadyError, 503),
     (StoreFullError, 507),   # Insufficient Storage
     (StoreError, 503),       # read-only, I/O error, damaged: the store, not the request
+    (SlowBodyError, 408),    # Request Timeout
     (TimeoutError, 504),
     (CancelledError, 499),
 )
@@ -79,6 +86,25 @@ class DoorRoute(APIRoute):
                                          str(response.status_code), time.perf_counter() - started)
             return response
         return guarded
+
+
+async def read_body(request: Request, max_body_bytes: int, idle_seconds: float) -> bytes:
+    """The request's body, refused over `max_body_bytes` as soon as it is, and when no part of it arrives for
+    `idle_seconds` (a client that declares a body and sends none holds no slot for ever)."""
+    parts, size = [], 0
+    chunks = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(chunks.__anext__(), idle_seconds)
+        except StopAsyncIteration:
+            return b"".join(parts)
+        except asyncio.TimeoutError:
+            raise SlowBodyError(f"no part of the request body arrived for {idle_seconds:g} s (the server's "
+                                "--stream-idle-seconds); send it whole") from None
+        size += len(chunk)
+        if size > max_body_bytes:
+            raise LimitExceededError("request bytes", size, max_body_bytes)
+        parts.append(chunk)
 
 
 # --- JSON and binary tensors ----------------------------------------------------------------------------
@@ -235,9 +261,11 @@ def rest_app(service: FeatureService, metrics: ServingMetrics | None = None, *, 
 
     Calls that do work (infer, load, unload) each hold one of `slots.calls` (shared with the gRPC doors) while
     they run on a thread, and get 503 with Retry-After over the cap; health and metadata run on the event loop,
-    so no number of calls in flight keeps them waiting for a thread."""
+    so no number of calls in flight keeps them waiting for a thread. A body that stops arriving for the slots'
+    stream idle time is refused 408."""
     models = InferenceModels(service)
-    calls = (slots or ServerSlots()).calls
+    slots = slots or ServerSlots()
+    calls, idle_seconds = slots.calls, slots.limits.stream_idle_seconds
 
     async def in_call_slot(work: Callable, *args):
         calls.take()
@@ -289,9 +317,10 @@ def rest_app(service: FeatureService, metrics: ServingMetrics | None = None, *, 
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
             raise LimitExceededError("request bytes", int(declared), max_body_bytes)
-        body = await request.body()
-        if len(body) > max_body_bytes:
-            raise LimitExceededError("request bytes", len(body), max_body_bytes)
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding != "identity":  # read as it is, a compressed body would only be "malformed JSON"
+            raise InvalidInputError(f"Content-Encoding {encoding[:30]!r} is not accepted: send the body unencoded")
+        body = await read_body(request, max_body_bytes, idle_seconds)
         header, binary = request_parts(body, request.headers.get(HEADER_LENGTH))
         inputs = input_tensors(header, binary)
         requested, binary_outputs = requested_outputs(header)
@@ -301,7 +330,7 @@ def rest_app(service: FeatureService, metrics: ServingMetrics | None = None, *, 
 
     @app.post("/v2/repository/index")
     async def repository_index(request: Request) -> list:
-        body = await request.body()
+        body = await read_body(request, max_body_bytes, idle_seconds)
         ready_only = bool(json_object(body).get("ready", False)) if body.strip() else False
         return [{"name": s.name, "version": VERSION, "state": s.state.value, "reason": s.reason}
                 for s in models.repository_index(ready_only)]
