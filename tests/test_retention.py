@@ -57,7 +57,8 @@ def test_vectors_computed_by_served_calls_survive_store_gc_yes(spec, tmp_path, c
             served_keys = computed.keys + [key for part in parts for key in part.keys]
             assert main(["store", "gc", "--store", str(path)]) == 0
             dry_run = capsys.readouterr().out
-            assert "would delete 0 vectors" in dry_run and "only because a server computed them: served:vgg16:" in dry_run
+            assert "would delete 0 vectors" in dry_run
+            assert "only because a server computed them: served:vgg16:" in dry_run
             assert main(["store", "gc", "--yes", "--store", str(path)]) == 0
             vectors, found = client.get_embeddings("vgg16", served_keys)  # the server's store, after gc
             assert found.all() and np.array_equal(vectors, np.concatenate([computed.vectors, streamed]))

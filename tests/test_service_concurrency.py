@@ -457,7 +457,8 @@ def hostile_grpc_cases(cases: int) -> list[tuple[str, list, dict]]:
     generated = []
     for i in range(max(cases - len(fixed), 0)):
         count, size = int(rng.integers(1, 200)), int(rng.integers(1, 4096))
-        headers = [(f"x-{int(rng.integers(1e6))}", "".join(map(chr, rng.integers(32, 127, size)))) for _ in range(count)]
+        headers = [(f"x-{int(rng.integers(1e6))}", "".join(map(chr, rng.integers(32, 127, size))))
+                   for _ in range(count)]
         if rng.random() < 0.3:
             headers.append(("authorization", "".join(map(chr, rng.integers(32, 127, int(rng.integers(0, 300)))))))
         else:

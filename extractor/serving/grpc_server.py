@@ -58,7 +58,7 @@ def model_of(request) -> str:
     return ""
 
 
-# --- every call: authentication, then errors to status codes ------------------------------------------
+# --- every call: authentication, admission, then errors to status codes ------------------------------
 
 class CallGuard(grpc.ServerInterceptor):
     """Wraps every method, health's included: checks the bearer token when the server has one, admits the call
@@ -71,7 +71,7 @@ class CallGuard(grpc.ServerInterceptor):
     answered from the reserve without reading its request."""
 
     def __init__(self, token: str | None = None, metrics: ServingMetrics | None = None,
-                 lanes: Lanes | None = None, watch: StreamWatch | None = None):
+                 lanes: Lanes | None = None, watch: IdleWatch | None = None):
         self._expected = f"Bearer {token}".encode() if token else None
         self.metrics = metrics
         self.lanes, self.watch = lanes, watch
@@ -127,7 +127,7 @@ def _parsed(request):
 
 
 def _guarded(handler: grpc.RpcMethodHandler, method: str, metrics: ServingMetrics | None, protocol: str | None,
-             pool: futures.ThreadPoolExecutor | None, watch: StreamWatch | None) -> grpc.RpcMethodHandler:
+             pool: futures.ThreadPoolExecutor | None, watch: IdleWatch | None) -> grpc.RpcMethodHandler:
     """`handler` wrapped in the guard, run on `pool` (None: the reserve). With a `watch`, requests are read under
     it: a stream's for as long as it is open, a unary call's one message before the method runs (grpc is told
     that every call is client-streaming, so no thread waits unwatched for a message a client trickles in)."""
@@ -135,7 +135,7 @@ def _guarded(handler: grpc.RpcMethodHandler, method: str, metrics: ServingMetric
            ("stream" if handler.response_streaming else "unary")
     behavior = getattr(handler, kind)
 
-    def incoming(request, stream: WatchedStream | None):
+    def incoming(request, stream: WatchedCall | None):
         if handler.request_streaming:
             return (_parsed(r) for r in (stream.requests(request) if stream else request))
         return _parsed(stream.one_request(request) if stream else request)
@@ -265,10 +265,11 @@ class Lanes:
             lane.shutdown(wait=False)
 
 
-# --- streams that wait on their client -------------------------------------------------------------------------
+# --- calls that wait on their client ----------------------------------------------------------------------------
 
-class WatchedStream:
-    """What a stream has received and answered, and since when it waits on its client."""
+class WatchedCall:
+    """What a call (a stream, or a unary call until its message is in) has received and answered, and since when
+    it waits on its client."""
 
     def __init__(self, context: grpc.ServicerContext, answers_each: bool):
         self.context, self.answers_each = context, answers_each
@@ -312,7 +313,7 @@ class WatchedStream:
         return None
 
 
-class StreamWatch:
+class IdleWatch:
     """Closes calls that wait on their client longer than `idle_seconds`, with DEADLINE_EXCEEDED and a message
     saying why, so that a client opening streams and sending nothing (or trickling in a unary call's message)
     frees their threads and slots. One thread looks over every call of the server a few times per
@@ -320,16 +321,15 @@ class StreamWatch:
 
     def __init__(self, idle_seconds: float):
         self.idle_seconds = idle_seconds
-        self.closed = 0  # streams closed for waiting too long, for reports
-        self._streams: set[WatchedStream] = set()
+        self._streams: set[WatchedCall] = set()
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stream-watch", daemon=True)
         self._thread.start()
 
     @contextlib.contextmanager
-    def watching(self, context: grpc.ServicerContext, answers_each: bool) -> Iterator[WatchedStream]:
-        stream = WatchedStream(context, answers_each)
+    def watching(self, context: grpc.ServicerContext, answers_each: bool) -> Iterator[WatchedCall]:
+        stream = WatchedCall(context, answers_each)
         with self._lock:
             self._streams.add(stream)
         try:
@@ -348,11 +348,9 @@ class StreamWatch:
                 for stream, _ in overdue:
                     self._streams.discard(stream)
             for stream, reason in overdue:
-                self.closed += 1
-                log.info("closing a stream: %s", reason)
+                log.info("closing a call that waits on its client: %s", reason)
                 close_with_status(stream.context, grpc.StatusCode.DEADLINE_EXCEEDED,
-                                  f"stream closed: {reason} (the server's --stream-idle-seconds); open a new "
-                                  "stream to go on")
+                                  f"closed by the server: {reason} (its --stream-idle-seconds)")
 
     def stop(self) -> None:
         self._stopped.set()
@@ -389,7 +387,7 @@ class FeatureServer:
         self.service = service
         self.slots = slots or ServerSlots()
         self.lanes = Lanes(self.slots)
-        self.watch = StreamWatch(self.slots.limits.stream_idle_seconds)
+        self.watch = IdleWatch(self.slots.limits.stream_idle_seconds)
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.so_reuseport", 0)]  # a port already taken is an error, not a shared port
