@@ -90,7 +90,9 @@ class CallGuard(grpc.ServerInterceptor):
             return _refusal(method, AuthenticationError(
                 "missing or wrong token: send metadata 'authorization: Bearer <token>'"), metrics, protocol)
         if method.startswith(HEALTH_METHODS):
-            return handler  # health as grpc ships it, with its own non-blocking Watch
+            if handler.response_streaming:
+                return handler  # Watch as grpc ships it: non-blocking, it holds no thread
+            return _guarded(handler, method, None, None, None, self.watch)  # Check's message read under the watch
         pool = None
         if self.lanes is not None:
             lane = self.lanes.of(method, handler)
