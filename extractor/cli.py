@@ -139,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                             ("verify", "check every page, checksum and reference; list each problem; exit 1 on any"),
                             ("repair", "copy what is intact of a damaged store into a new file"),
                             ("export", "write a feature set as Parquet or .npy files that join back to its files"),
-                            ("gc", "show (with --yes: delete) vectors no feature set refers to")):
+                            ("gc", "show (with --yes: delete) vectors no feature set refers to"),
+                            ("drop", "forget a feature set, such as a server's served:... set; gc then deletes "
+                                     "the vectors no other set refers to")):
         action = store_commands.add_parser(name, help=help_text)
         action.add_argument("--store", help="store file (env EXTRACTOR_STORE; default in the user cache)")
         action.set_defaults(run=cmd_store)
@@ -153,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
             action.add_argument("--out", required=True, help="the new store file to write (must not exist)")
         if name == "gc":
             action.add_argument("--yes", action="store_true", help="delete; without it gc only shows what it would")
+        if name == "drop":
+            action.add_argument("feature_set", metavar="NAME", help="the feature set to forget (see `store info`)")
         if name == "info":
             action.add_argument("--json", action="store_true", help="print the store's summary as JSON")
     add_store_import(store_commands)
@@ -274,6 +278,11 @@ def cmd_store(args) -> int:
             for written in api.export_feature_set(args.feature_set, args.out, args.format, store=store):
                 print(written)
             return 0
+        if args.store_command == "drop":
+            items = store.drop_feature_set(args.feature_set)
+            print(f"dropped feature set {args.feature_set!r} ({items} items); `store gc` shows the vectors no other "
+                  "set refers to")
+            return 0
         print("\n".join(store.gc(dry_run=not args.yes).lines()))
         return 0
 
@@ -344,6 +353,15 @@ def add_service_commands(commands) -> None:
     serve.add_argument("--token-file", help="require 'authorization: Bearer <token>' (gRPC metadata or HTTP header) "
                                             "with the token in this file, on every port")
     serve.add_argument("--grace", type=float, default=30.0, help="seconds in-flight calls get at shutdown")
+    caps = serve.add_argument_group("concurrency (health, reflection and metadata calls are outside these caps)")
+    caps.add_argument("--max-streams", type=int, default=16,
+                      help="EmbedStream and ModelStreamInfer calls open at once; more: RESOURCE_EXHAUSTED (default 16)")
+    caps.add_argument("--max-concurrent-calls", type=int, default=32,
+                      help="other calls doing work at once, every door together; more: RESOURCE_EXHAUSTED, or HTTP "
+                           "503 with Retry-After (default 32). Health and metadata calls have threads of their own")
+    caps.add_argument("--stream-idle-seconds", type=float, default=30.0,
+                      help="close a stream (DEADLINE_EXCEEDED) whose client sends nothing, with every request "
+                           "answered, or reads nothing, for this long (default 30)")
     serve.set_defaults(run=cmd_serve, console_level=logging.INFO)  # a server's log is its output
 
     classify = commands.add_parser("classify", help="classify image files with a saved head on a server")
@@ -356,6 +374,7 @@ def add_service_commands(commands) -> None:
 
 def cmd_serve(args) -> int:
     from extractor import paths
+    from extractor.serving.concurrency import ConcurrencyLimits
     from extractor.serving.launch import Doors, repository_catalog, serve
     from extractor.serving.requests import Limits
     from extractor.serving.service import FeatureService
@@ -367,7 +386,8 @@ def cmd_serve(args) -> int:
     limits = Limits(**{name: value for name, value in given.items() if value is not None})
     doors = Doors(host=args.host, port=args.port, http_port=args.http_port, metrics_port=args.metrics_port,
                   token=read_token(args.token_file), tls=read_tls(args.tls_cert, args.tls_key),
-                  max_message_bytes=int(args.max_message_mb * 2**20))
+                  max_message_bytes=int(args.max_message_mb * 2**20),
+                  concurrency=ConcurrencyLimits(args.max_streams, args.max_concurrent_calls, args.stream_idle_seconds))
 
     def service(events) -> FeatureService:
         # SQLite's quick_check first: a damaged store is refused in one line, never served as SERVING

@@ -13,7 +13,7 @@ import numpy as np
 from extractor.errors import StoreDamagedError, StoreError, StoreIOError
 from extractor.images import pixel_digest
 from extractor.models import BackboneSpec, FrozenBackbone, load_backbone
-from extractor.store import EmbeddingStore
+from extractor.store import EmbeddingStore, ServedSet
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +50,16 @@ class Resolved:
 class Embedder:
     """Turns canonical uint8 images into vectors of one backbone, computing each distinct image once.
 
-    The backbone is built on the first miss only, so a fully cached job never loads TensorFlow.
+    The backbone is built on the first miss only, so a fully cached job never loads TensorFlow. `served`: the
+    feature set that what `embed` stores joins (a server's, so that `gc` keeps it).
     """
 
-    def __init__(self, spec: BackboneSpec, store: EmbeddingStore, backbone: FrozenBackbone | None = None):
+    def __init__(self, spec: BackboneSpec, store: EmbeddingStore, backbone: FrozenBackbone | None = None,
+                 served: ServedSet | None = None):
         self.spec = spec
         self.store = store
         self.fingerprint = spec.fingerprint
+        self.served = served
         self._backbone = backbone
 
     @property
@@ -104,7 +107,7 @@ class Embedder:
         resolved = self.resolve(images)
         if resolved.new_keys:
             try:
-                self.store.put_many(resolved.new_keys, resolved.new_vectors)
+                self.store.put_many(resolved.new_keys, resolved.new_vectors, served=self.served)
             except (StoreIOError, StoreDamagedError) as exc:
                 log.warning("%d new vectors returned but not stored: %s", len(resolved.new_keys), exc)
                 resolved.store_error = exc

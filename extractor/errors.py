@@ -92,3 +92,13 @@ class AuthenticationError(ExtractorError):
 class UntrustedModelError(ExtractorError):
     """A saved model that could run code when loaded: a pickle, a type outside the trusted list, a Keras
     layer that carries Python code, or a file reached through a link out of its folder."""
+
+
+class ServerBusyError(LimitExceededError):
+    """A call refused because the server already answers as many calls (or holds as many streams) as its cap
+    allows: nothing is wrong with the call, and it may be sent again after `retry_after` seconds."""
+
+    def __init__(self, what: str, maximum: int, option: str, retry_after: float = 1.0):
+        super().__init__(what, maximum, maximum)
+        self.retry_after = retry_after
+        self.args = (f"the server is at its cap of {maximum} {what} ({option}); retry after {retry_after:g} s",)

@@ -82,6 +82,8 @@ MIGRATIONS = {
         ("feature_set_items", "source", "TEXT")),
 }
 COLUMN_DEFAULTS = {"source_root": "''", "external": "0", "source": "NULL"}
+SERVED_PREFIX = "served:"  # the feature sets of vectors a server computed (see ServedSet)
+SERVED_DATA_SPEC = "served: vectors `extractor serve` computed"
 
 
 def vector_checksum(key: bytes, blob: bytes) -> int:
@@ -145,6 +147,21 @@ class FeatureSetInfo:
     external: bool = False  # vectors imported from another tool: no backbone, no fingerprint
 
 
+@dataclass(frozen=True)
+class ServedSet:
+    """The feature set that every vector a server computes for one backbone joins, in the transaction that stores
+    it, so that `gc` keeps what clients were served; `store drop NAME` lets gc delete them. One per backbone
+    name and fingerprint: `served:<backbone>:<fingerprint prefix>`, one class `unlabelled`."""
+
+    name: str
+    fingerprint: str
+    backbone: dict
+
+    @classmethod
+    def of(cls, backbone_name: str, fingerprint: str, backbone: dict) -> ServedSet:
+        return cls(f"{SERVED_PREFIX}{backbone_name}:{fingerprint[:12]}", fingerprint, backbone)
+
+
 @dataclass
 class VerifyReport:
     vectors_checked: int
@@ -165,6 +182,8 @@ class GcReport:
     vectors_by_width: dict[int, int] = field(default_factory=dict)
     stale_digests: int = 0           # remembered pixel digests of files that are gone or changed
     deleted: bool = False
+    kept: int = 0                    # vectors some feature set refers to
+    kept_by_served: dict[str, int] = field(default_factory=dict)  # of them, those only served sets refer to
 
     def lines(self) -> list[str]:
         verb = "deleted" if self.deleted else "would delete"
@@ -174,6 +193,10 @@ class GcReport:
                 + (f": {widths}" if widths else ""),
                 f"{'forgot' if self.deleted else 'would forget'} {self.stale_digests} remembered file digests whose "
                 "files are gone or changed",
+                f"kept {self.kept} vectors that feature sets refer to" + (
+                    f"; {sum(self.kept_by_served.values())} of them only because a server computed them: "
+                    + ", ".join(f"{name} ({count})" for name, count in sorted(self.kept_by_served.items()))
+                    + "; `store drop NAME` lets gc delete those" if self.kept_by_served else ""),
                 *([] if self.deleted else ["dry run: nothing was deleted; run again with --yes to delete"])]
 
 
@@ -310,8 +333,10 @@ class EmbeddingStore:
         with self._lock:
             return self._db.execute("SELECT 1 FROM vectors WHERE key = ?", (key,)).fetchone() is not None
 
-    def put_many(self, keys: Sequence[bytes], vectors: np.ndarray, *, connection: sqlite3.Connection | None = None) -> None:
-        """Store (n, d) float32 `vectors` under `keys` in one transaction (or inside the caller's)."""
+    def put_many(self, keys: Sequence[bytes], vectors: np.ndarray, *, connection: sqlite3.Connection | None = None,
+                 served: ServedSet | None = None) -> None:
+        """Store (n, d) float32 `vectors` under `keys` in one transaction (or inside the caller's), the keys
+        added to the `served` feature set in the same transaction when one is given."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or len(vectors) != len(keys):
             raise InvalidInputError(f"need (n, d) vectors for {len(keys)} keys, got {vectors.shape}")
@@ -324,9 +349,13 @@ class EmbeddingStore:
         sql = "INSERT OR REPLACE INTO vectors (key, dim, vector, checksum) VALUES (?, ?, ?, ?)"
         if connection is not None:
             connection.executemany(sql, rows)
+            if served is not None:
+                _add_to_served_set(connection, served, keys)
         else:
             with self.transaction() as db:
                 db.executemany(sql, rows)
+                if served is not None:
+                    _add_to_served_set(db, served, keys)
 
     @_translated
     def vector_count(self) -> int:
@@ -407,6 +436,14 @@ class EmbeddingStore:
         return [FeatureSetInfo(r[0], r[1], json.loads(r[2]), r[3], json.loads(r[4]), r[5], bool(r[6]),
                                json.loads(r[7]), r[8], r[9], r[10], bool(r[11])) for r in rows]
 
+    def drop_feature_set(self, name: str) -> int:
+        """Forget feature set `name` and its items (its vectors stay until `gc`); the number of items it had."""
+        info = self.feature_set(name)
+        with self.transaction() as db:
+            db.execute("DELETE FROM feature_set_items WHERE set_name = ?", (name,))
+            db.execute("DELETE FROM feature_sets WHERE name = ?", (name,))
+        return info.count
+
     def feature_set(self, name: str) -> FeatureSetInfo:
         for info in self.feature_sets():
             if info.name == name:
@@ -472,8 +509,14 @@ class EmbeddingStore:
             widths = dict(self._db.execute(f"SELECT dim, COUNT(*) {unreferenced} GROUP BY dim").fetchall())
             size = self._db.execute(f"SELECT COALESCE(SUM(length(vector)), 0) {unreferenced}").fetchone()[0]
             remembered = self._db.execute("SELECT path, size, mtime_ns FROM file_digests").fetchall()
+            kept = self._db.execute("SELECT COUNT(*) FROM vectors WHERE key IN (SELECT key FROM feature_set_items)"
+                                    ).fetchone()[0]
+            served = dict(self._db.execute(
+                "SELECT set_name, COUNT(DISTINCT key) FROM feature_set_items WHERE substr(set_name, 1, ?) = ?"
+                " AND key NOT IN (SELECT key FROM feature_set_items WHERE substr(set_name, 1, ?) != ?)"
+                " GROUP BY set_name", (len(SERVED_PREFIX), SERVED_PREFIX) * 2).fetchall())
         stale = [(path,) for path, size, mtime_ns in remembered if file_identity(path) != (path, size, mtime_ns)]
-        report = GcReport(sum(widths.values()), size, widths, len(stale))
+        report = GcReport(sum(widths.values()), size, widths, len(stale), kept=kept, kept_by_served=served)
         if dry_run:
             return report
         with self.transaction() as db:
@@ -503,6 +546,21 @@ class EmbeddingStore:
                 for s in self.feature_sets()
             ],
         }
+
+
+def _add_to_served_set(db: sqlite3.Connection, served: ServedSet, keys: Sequence[bytes]) -> None:
+    """Append `keys` to the served feature set (made on first use, complete, one class), inside `db`'s
+    transaction."""
+    now = time.time()
+    db.execute("INSERT INTO feature_sets (name, fingerprint, backbone, data_spec, class_names, count, complete,"
+               " skipped, created, updated) VALUES (?, ?, ?, ?, ?, 0, 1, '[]', ?, ?) ON CONFLICT(name) DO NOTHING",
+               (served.name, served.fingerprint, json.dumps(served.backbone, sort_keys=True), SERVED_DATA_SPEC,
+                json.dumps(["unlabelled"]), now, now))
+    start = db.execute("SELECT COALESCE(MAX(position) + 1, 0) FROM feature_set_items WHERE set_name = ?",
+                       (served.name,)).fetchone()[0]
+    db.executemany("INSERT INTO feature_set_items (set_name, position, key, label) VALUES (?, ?, ?, 0)",
+                   [(served.name, start + i, key) for i, key in enumerate(keys)])
+    db.execute("UPDATE feature_sets SET count = ?, updated = ? WHERE name = ?", (start + len(keys), now, served.name))
 
 
 # --- integrity: quick_check on open, verify, repair ------------------------------------------------------

@@ -187,12 +187,12 @@ class FillingStore(EmbeddingStore):
 
     full = False
 
-    def put_many(self, keys, vectors):
+    def put_many(self, keys, vectors, **options):
         from extractor.errors import StoreFullError
 
         if self.full:
             raise StoreFullError(f"cannot write to store {self.path}: disk full", "disk full")
-        return super().put_many(keys, vectors)
+        return super().put_many(keys, vectors, **options)
 
 
 def test_a_full_disk_is_a_health_state_and_loses_no_vector(spec, tmp_path):

@@ -21,16 +21,20 @@ from extractor.store import EmbeddingStore
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CLIENTS = 16
 GRACE = 60.0
-# Threads the server may add after the warm-up: its RPC pool grows a worker at a time up to RPC_THREADS
-# when every worker is busy; a thread leaked per call would add hundreds.
+# Threads the server may add after the warm-up: the thread pool of each kind of call grows a worker at a time up
+# to its cap when every worker is busy; a thread leaked per call would add hundreds.
 POOL_GROWTH = 8
 
 
 class ServedProcess:
-    """The server in its own process on a free port, its store and log in `folder`; ready once built."""
+    """The server in its own process on a free port, its store and log in `folder`; ready once built. With a
+    `token`, the server requires it (and the readiness check sends it)."""
 
-    def __init__(self, folder: Path, data_dir: Path, *options: str):
+    def __init__(self, folder: Path, data_dir: Path, *options: str, token: str | None = None):
         self.store, self.log = folder / "store.sqlite", folder / "server.log"
+        if token is not None:
+            (folder / "token").write_text(token)
+            options = (*options, "--token-file", str(folder / "token"))
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "extractor", "--data-dir", str(data_dir), "serve", "--port", "0", "--store",
@@ -40,7 +44,7 @@ class ServedProcess:
         line = self.process.stdout.readline()
         assert line.startswith("listening on 127.0.0.1:"), line + self.log.read_text()
         self.target = line.split()[-1]
-        with FeatureClient(self.target) as client:
+        with FeatureClient(self.target, token=token) as client:
             client.wait_until_serving(timeout=120)
 
     def status(self) -> dict[str, int]:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from extractor.serving.concurrency import ConcurrencyLimits
 from extractor.serving.loaded_models import Catalog
 
 log = logging.getLogger(__name__)
@@ -33,12 +34,14 @@ class Doors:
     token: str | None = None
     tls: tuple[bytes, bytes] | None = None
     max_message_bytes: int = 64 * 2**20
+    concurrency: ConcurrencyLimits = field(default_factory=ConcurrencyLimits)  # every door's share of the caps
 
 
 def serve(service_factory, doors: Doors, grace: float) -> int:
     """Run the server until SIGTERM or SIGINT, then drain and exit; prints the bound addresses.
 
     `service_factory(events)` builds the core with the metrics door as one of its listeners."""
+    from extractor.serving.concurrency import ServerSlots
     from extractor.serving.grpc_server import FeatureServer
     from extractor.serving.metrics import ServingMetrics
     from extractor.serving.rest import HttpServer, metrics_app, rest_app
@@ -49,13 +52,14 @@ def serve(service_factory, doors: Doors, grace: float) -> int:
     metrics = ServingMetrics()
     service = service_factory([metrics])
     metrics.watch(lambda: len(service.served), service.store.path)
+    slots = ServerSlots(doors.concurrency)
     server = FeatureServer(service, host=doors.host, port=doors.port, token=doors.token, tls=doors.tls,
-                           max_message_bytes=doors.max_message_bytes, metrics=metrics)
+                           max_message_bytes=doors.max_message_bytes, metrics=metrics, slots=slots)
     http_servers = []
     try:
         if doors.http_port is not None:
             http_servers.append(HttpServer(rest_app(service, metrics, token=doors.token,
-                                                    max_body_bytes=doors.max_message_bytes),
+                                                    max_body_bytes=doors.max_message_bytes, slots=slots),
                                            host=doors.host, port=doors.http_port, tls=doors.tls))
         if doors.metrics_port is not None:
             http_servers.append(HttpServer(metrics_app(metrics, token=doors.token), host=doors.host,
@@ -77,7 +81,7 @@ def serve(service_factory, doors: Doors, grace: float) -> int:
             http.stop(0)
         server.server.stop(0)  # nothing was served; close the ports rather than linger half-started
         raise
-    log.info("serving %s; limits: %s", ", ".join(service.served), service.limits)
+    log.info("serving %s; limits: %s; %s", ", ".join(service.served), service.limits, doors.concurrency)
     stop.wait()
     log.info("stopping: draining in-flight calls (grace %.0f s)", grace)
     for http in http_servers:

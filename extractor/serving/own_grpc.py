@@ -7,6 +7,7 @@ import time
 import grpc
 
 from extractor.errors import ExtractorError, LimitExceededError
+from extractor.serving.concurrency import ConcurrencyLimits
 from extractor.serving.loaded_models import ModelState, ModelStatus
 from extractor.models import PRESETS
 from extractor.serving.grpc_status import status_for
@@ -61,11 +62,14 @@ def model_status(status: ModelStatus) -> pb.ModelStatus:
 
 class FeatureServicer(pb_grpc.FeatureServiceServicer):
     """Translates each RPC into a call on the `FeatureService` core and its result back. Refuses, before any
-    work, calls whose vectors would not fit one response message of `max_message_bytes`."""
+    work, calls whose vectors would not fit one response message of `max_message_bytes`. `concurrency` is
+    shown to clients with the other limits (the call guard enforces it)."""
 
-    def __init__(self, service: FeatureService, max_message_bytes: int):
+    def __init__(self, service: FeatureService, max_message_bytes: int,
+                 concurrency: ConcurrencyLimits = ConcurrencyLimits()):
         self.service = service
         self.max_message_bytes = max_message_bytes
+        self.concurrency = concurrency
 
     def _fits(self, backbone: str, images: int, batch: RawPixels | None = None) -> None:
         """Refuse `images` and those of `batch` if their vectors would not fit one response message."""
@@ -85,7 +89,10 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             output_dim=self.service.output_dim(spec.name), fingerprint=spec.fingerprint, weights_sha256=spec.sha256 or "",
             limits=pb.Limits(max_images_per_request=limits.max_images_per_request,
                              max_message_bytes=self.max_message_bytes,
-                             max_decoded_pixels=limits.max_decoded_pixels))
+                             max_decoded_pixels=limits.max_decoded_pixels,
+                             max_streams=self.concurrency.max_streams,
+                             max_concurrent_calls=self.concurrency.max_calls,
+                             stream_idle_seconds=self.concurrency.stream_idle_seconds))
 
     def ListBackbones(self, request, context):
         return pb.ListBackbonesResponse(backbones=[self._backbone(spec) for spec in self.service.backbones()])

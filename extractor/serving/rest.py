@@ -3,6 +3,7 @@ binary tensor extension (`Inference-Header-Content-Length`), `/metrics`, the tok
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -21,9 +22,9 @@ from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
-from extractor.errors import (AuthenticationError, InvalidInputError, LimitExceededError, NotReadyError, StoreError,
-                              StoreFullError,
-                              UnknownNameError)
+from extractor.errors import (AuthenticationError, InvalidInputError, LimitExceededError, NotReadyError,
+                              ServerBusyError, StoreError, StoreFullError, UnknownNameError)
+from extractor.serving.concurrency import ServerSlots
 from extractor.serving.metrics import ServingMetrics
 from extractor.serving.oip import (EXTENSIONS, SERVER_NAME, VERSION, InferenceModels, Tensor, from_raw, from_values,
                                    raw_of, server_version)
@@ -31,16 +32,23 @@ from extractor.serving.service import FeatureService
 
 log = logging.getLogger(__name__)
 
+
+class SlowBodyError(Exception):
+    """A request body that stopped arriving: the REST door's counterpart of a silent stream."""
+
+
 PROTOCOL = "oip-http"
 HEADER_LENGTH = "inference-header-content-length"
 STATUS_BY_ERROR = (  # the REST door's one table; the body is always {"error": "..."}
     (InvalidInputError, 400),
     (AuthenticationError, 401),
     (UnknownNameError, 404),
+    (ServerBusyError, 503),  # with Retry-After: the server is at its cap of calls in flight
     (LimitExceededError, 413),
     (NotReadyError, 503),
     (StoreFullError, 507),   # Insufficient Storage
     (StoreError, 503),       # read-only, I/O error, damaged: the store, not the request
+    (SlowBodyError, 408),    # Request Timeout
     (TimeoutError, 504),
     (CancelledError, 499),
 )
@@ -50,7 +58,10 @@ MAX_ERROR_CHARS = 2000
 def error_response(error: BaseException) -> JSONResponse:
     for kind, status in STATUS_BY_ERROR:
         if isinstance(error, kind):
-            return JSONResponse({"error": (str(error) or kind.__name__)[:MAX_ERROR_CHARS]}, status_code=status)
+            retry_after = getattr(error, "retry_after", None)
+            headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None
+            return JSONResponse({"error": (str(error) or kind.__name__)[:MAX_ERROR_CHARS]}, status_code=status,
+                                headers=headers)
     log.error("REST call failed", exc_info=error)
     return JSONResponse({"error": "internal error; the server logged the details"}, status_code=500)
 
@@ -75,6 +86,25 @@ class DoorRoute(APIRoute):
                                          str(response.status_code), time.perf_counter() - started)
             return response
         return guarded
+
+
+async def read_body(request: Request, max_body_bytes: int, idle_seconds: float) -> bytes:
+    """The request's body, refused over `max_body_bytes` as soon as it is, and when no part of it arrives for
+    `idle_seconds` (a client that declares a body and sends none holds no slot for ever)."""
+    parts, size = [], 0
+    chunks = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(chunks.__anext__(), idle_seconds)
+        except StopAsyncIteration:
+            return b"".join(parts)
+        except asyncio.TimeoutError:
+            raise SlowBodyError(f"no part of the request body arrived for {idle_seconds:g} s (the server's "
+                                "--stream-idle-seconds); send it whole") from None
+        size += len(chunk)
+        if size > max_body_bytes:
+            raise LimitExceededError("request bytes", size, max_body_bytes)
+        parts.append(chunk)
 
 
 # --- JSON and binary tensors ----------------------------------------------------------------------------
@@ -226,9 +256,23 @@ def metrics_app(metrics: ServingMetrics, *, token: str | None = None) -> FastAPI
 
 
 def rest_app(service: FeatureService, metrics: ServingMetrics | None = None, *, token: str | None = None,
-             max_body_bytes: int = 64 * 2**20) -> FastAPI:
-    """The protocol's REST paths on `service`, and /metrics when `metrics` is given."""
+             max_body_bytes: int = 64 * 2**20, slots: ServerSlots | None = None) -> FastAPI:
+    """The protocol's REST paths on `service`, and /metrics when `metrics` is given.
+
+    Calls that do work (infer, load, unload) each hold one of `slots.calls` (shared with the gRPC doors) while
+    they run on a thread, and get 503 with Retry-After over the cap; health and metadata run on the event loop,
+    so no number of calls in flight keeps them waiting for a thread. A body that stops arriving for the slots'
+    stream idle time is refused 408."""
     models = InferenceModels(service)
+    slots = slots or ServerSlots()
+    calls, idle_seconds = slots.calls, slots.limits.stream_idle_seconds
+
+    async def in_call_slot(work: Callable, *args):
+        calls.take()
+        try:
+            return await run_in_threadpool(work, *args)
+        finally:
+            calls.release()
     app = FastAPI(title=SERVER_NAME, openapi_url=None, docs_url=None, redoc_url=None)
     app.router.route_class = DoorRoute
     app.state.metrics = metrics
@@ -237,34 +281,34 @@ def rest_app(service: FeatureService, metrics: ServingMetrics | None = None, *, 
         _add_metrics(app, metrics)
 
     @app.get("/v2/health/live")
-    def live() -> Response:
+    async def live() -> Response:
         return Response(status_code=200)
 
     @app.get("/v2/health/ready")
-    def ready() -> Response:
+    async def ready() -> Response:
         return Response(status_code=200 if service.serving else 503)
 
     @app.get("/v2")
-    def metadata() -> dict:
+    async def metadata() -> dict:
         return {"name": SERVER_NAME, "version": server_version(), "extensions": EXTENSIONS}
 
     @app.get("/v2/models/stats")
-    def all_statistics() -> dict:
+    async def all_statistics() -> dict:
         return statistics_body(models)
 
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
-    def model_metadata(name: str, version: str = "") -> dict:
+    async def model_metadata(name: str, version: str = "") -> dict:
         return models.metadata(name, version)
 
     @app.get("/v2/models/{name}/ready")
     @app.get("/v2/models/{name}/versions/{version}/ready")
-    def model_ready(name: str, version: str = "") -> Response:
+    async def model_ready(name: str, version: str = "") -> Response:
         return Response(status_code=200 if models.ready(name, version) else 400)
 
     @app.get("/v2/models/{name}/stats")
     @app.get("/v2/models/{name}/versions/{version}/stats")
-    def model_statistics(name: str, version: str = "") -> dict:
+    async def model_statistics(name: str, version: str = "") -> dict:
         return statistics_body(models, name, version)
 
     @app.post("/v2/models/{name}/infer")
@@ -273,31 +317,32 @@ def rest_app(service: FeatureService, metrics: ServingMetrics | None = None, *, 
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
             raise LimitExceededError("request bytes", int(declared), max_body_bytes)
-        body = await request.body()
-        if len(body) > max_body_bytes:
-            raise LimitExceededError("request bytes", len(body), max_body_bytes)
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding != "identity":  # read as it is, a compressed body would only be "malformed JSON"
+            raise InvalidInputError(f"Content-Encoding {encoding[:30]!r} is not accepted: send the body unencoded")
+        body = await read_body(request, max_body_bytes, idle_seconds)
         header, binary = request_parts(body, request.headers.get(HEADER_LENGTH))
         inputs = input_tensors(header, binary)
         requested, binary_outputs = requested_outputs(header)
         default_binary = bool(parameters_of(header).get("binary_data_output", False))
-        outputs = await run_in_threadpool(models.infer, name, version, inputs, requested)
+        outputs = await in_call_slot(models.infer, name, version, inputs, requested)
         return infer_response(name, header.get("id"), outputs, lambda key: binary_outputs.get(key, default_binary))
 
     @app.post("/v2/repository/index")
     async def repository_index(request: Request) -> list:
-        body = await request.body()
+        body = await read_body(request, max_body_bytes, idle_seconds)
         ready_only = bool(json_object(body).get("ready", False)) if body.strip() else False
         return [{"name": s.name, "version": VERSION, "state": s.state.value, "reason": s.reason}
                 for s in models.repository_index(ready_only)]
 
     @app.post("/v2/repository/models/{name}/load")
     async def load(name: str) -> Response:
-        await run_in_threadpool(service.load_model, name)
+        await in_call_slot(service.load_model, name)
         return Response(status_code=200)
 
     @app.post("/v2/repository/models/{name}/unload")
     async def unload(name: str) -> Response:
-        await run_in_threadpool(service.unload_model, name)
+        await in_call_slot(service.unload_model, name)
         return Response(status_code=200)
 
     return app

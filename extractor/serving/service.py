@@ -22,7 +22,7 @@ from extractor.serving.hot_cache import HotVectors
 from extractor.serving.loaded_models import Catalog, LoadedModels, ModelLoadFailed, ModelStatus, ServedBackbone
 from extractor.serving.requests import Call, ClassifyOutcome, EmbedOutcome, ImageInput, Limits, RawPixels, \
     StreamRequest, at_index, raw_array, to_pixels
-from extractor.store import EmbeddingStore
+from extractor.store import EmbeddingStore, ServedSet
 from extractor.wire import KEY_BYTES
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,8 @@ class FeatureService:
         backbone.embed([np.zeros(spec.input_shape, dtype=np.uint8)])
         log.info("backbone %s ready (%d-d, fingerprint %s, warm-up %.2f s)", spec.name, backbone.output_dim,
                  spec.fingerprint[:12], time.perf_counter() - started)
-        embedder = Embedder(spec, self.store, backbone)
+        # what the server computes joins the backbone's served feature set, so `store gc` keeps it
+        embedder = Embedder(spec, self.store, backbone, ServedSet.of(spec.name, spec.fingerprint, spec.describe()))
         return ServedBackbone(spec, embedder, MicroBatcher(embedder, self.max_batch, self.max_wait, self.events),
                               backbone.output_dim)
 
