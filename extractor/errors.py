@@ -45,11 +45,22 @@ class InvalidInputError(ExtractorError, ValueError):
 
 
 class LimitExceededError(ExtractorError):
-    """A request over one of the configured limits (images per request, bytes, decoded pixels)."""
+    """A request over one of the configured limits (images per request, bytes, decoded pixels per image or request)."""
 
     def __init__(self, limit: str, value, maximum):
         self.limit, self.value, self.maximum = limit, value, maximum
         super().__init__(f"{limit} is {value}, over the limit of {maximum}")
+
+
+class BudgetBusyError(LimitExceededError):
+    """A request within its own limits that did not get its share of a server-wide budget in time (the server
+    is busy with other requests' pixels): worth retrying after `retry_after` seconds, unlike its parent."""
+
+    def __init__(self, limit: str, value, maximum, waited: float, retry_after: float = 1.0):
+        super().__init__(limit, value, maximum)
+        self.waited, self.retry_after = waited, retry_after
+        self.args = (f"{limit}: this request's {value} did not fit within the budget of {maximum} after waiting "
+                     f"{waited:.1f} s (other requests hold it); retry later",)
 
 
 class ChecksumError(ExtractorError):

@@ -85,7 +85,10 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             output_dim=self.service.output_dim(spec.name), fingerprint=spec.fingerprint, weights_sha256=spec.sha256 or "",
             limits=pb.Limits(max_images_per_request=limits.max_images_per_request,
                              max_message_bytes=self.max_message_bytes,
-                             max_decoded_pixels=limits.max_decoded_pixels))
+                             max_decoded_pixels=limits.max_decoded_pixels,
+                             max_request_pixels=limits.max_request_pixels,
+                             max_pixels_in_flight=limits.max_pixels_in_flight,
+                             max_pixel_wait_seconds=limits.max_pixel_wait_seconds))
 
     def ListBackbones(self, request, context):
         return pb.ListBackbonesResponse(backbones=[self._backbone(spec) for spec in self.service.backbones()])

@@ -7,6 +7,7 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import os
 import socket
 import tempfile
@@ -21,9 +22,8 @@ from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
-from extractor.errors import (AuthenticationError, InvalidInputError, LimitExceededError, NotReadyError, StoreError,
-                              StoreFullError,
-                              UnknownNameError)
+from extractor.errors import (AuthenticationError, BudgetBusyError, InvalidInputError, LimitExceededError,
+                              NotReadyError, StoreError, StoreFullError, UnknownNameError)
 from extractor.serving.metrics import ServingMetrics
 from extractor.serving.oip import (EXTENSIONS, SERVER_NAME, VERSION, InferenceModels, Tensor, from_raw, from_values,
                                    raw_of, server_version)
@@ -37,7 +37,8 @@ STATUS_BY_ERROR = (  # the REST door's one table; the body is always {"error": "
     (InvalidInputError, 400),
     (AuthenticationError, 401),
     (UnknownNameError, 404),
-    (LimitExceededError, 413),
+    (BudgetBusyError, 429),  # the server-wide pixel budget is busy: Retry-After says when to try again
+    (LimitExceededError, 413),  # over the request's own limits: the same request will never fit
     (NotReadyError, 503),
     (StoreFullError, 507),   # Insufficient Storage
     (StoreError, 503),       # read-only, I/O error, damaged: the store, not the request
@@ -50,7 +51,9 @@ MAX_ERROR_CHARS = 2000
 def error_response(error: BaseException) -> JSONResponse:
     for kind, status in STATUS_BY_ERROR:
         if isinstance(error, kind):
-            return JSONResponse({"error": (str(error) or kind.__name__)[:MAX_ERROR_CHARS]}, status_code=status)
+            headers = {"Retry-After": str(math.ceil(error.retry_after))} if isinstance(error, BudgetBusyError) else None
+            return JSONResponse({"error": (str(error) or kind.__name__)[:MAX_ERROR_CHARS]}, status_code=status,
+                                headers=headers)
     log.error("REST call failed", exc_info=error)
     return JSONResponse({"error": "internal error; the server logged the details"}, status_code=500)
 
