@@ -23,6 +23,7 @@ from extractor.embedder import Embedder
 from extractor.errors import BudgetBusyError, LimitExceededError
 from extractor.models import load_backbone
 from extractor.serving import requests as serving_requests
+from extractor.serving.client import FeatureClient
 from extractor.serving.oip import join_bytes
 from extractor.serving.requests import Call, Limits, StreamRequest
 from extractor.serving.rest import HttpServer, rest_app
@@ -272,6 +273,17 @@ def test_get_backbone_shows_the_budgets_and_a_sliced_request_gives_the_vectors_o
     assert response.keys == b"".join(reference.keys)
 
 
+def test_the_client_splits_a_call_to_the_servers_pixel_budget_per_request(doors):
+    pictures = random_images(9, seed=12, size=64)  # 4 to a request of at most 4 x 64 x 64 pixels
+    with FeatureClient(f"127.0.0.1:{doors[0].port}", timeout=60) as client:
+        as_files = client.embed("vgg16", [png(p) for p in pictures])
+        as_arrays = client.embed("vgg16", pictures)
+        stacked = client.embed("vgg16", np.stack(pictures))
+    assert not as_files.errors and not as_arrays.errors and not stacked.errors
+    np.testing.assert_array_equal(as_files.vectors, as_arrays.vectors)
+    np.testing.assert_array_equal(stacked.vectors, as_arrays.vectors)
+
+
 # --- bombs against a served process ----------------------------------------------------------------------------
 
 BOMB_BUDGET_PIXELS = 32 * 2**20  # two 4096 x 4096 images at a time, 96 MiB as RGB
@@ -280,7 +292,7 @@ BOMB_BUDGET_PIXELS = 32 * 2**20  # two 4096 x 4096 images at a time, 96 MiB as R
 def bomb_figures(served: ServedProcess, http_url: str, sides: list[int], per_request: int, clients: int) -> dict:
     """`clients` at once, one per door in turn, each sending a request of `per_request` bombs of every side
     (those over the per-image limit refused by their header); the server's resident memory sampled meanwhile."""
-    before = served.status()["rss"]
+    before, peak_before = served.status()["rss"], served.status()["peak_rss"]
     most = [before]
     sampling = threading.Event()
 
@@ -307,7 +319,8 @@ def bomb_figures(served: ServedProcess, http_url: str, sides: list[int], per_req
     seconds = time.monotonic() - started
     sampling.set()
     sampler.join()
-    growth = max(max(most), served.status()["peak_rss"]) - before
+    peak = served.status()["peak_rss"]  # the kernel's high-water mark catches a peak between samples
+    growth = max(max(most), peak if peak > peak_before else 0) - before
     return {"answers": answers, "growth": growth, "seconds": seconds, "wire": wire[0]}
 
 
@@ -375,5 +388,7 @@ def test_compressed_image_bombs_grow_the_server_by_its_budget_not_by_the_request
                 bomb_clients=size["clients"], bomb_refused_by_header=len(refused),
                 bomb_wire_mb=round(measured["wire"] / 2**20, 1), bomb_decoded_mb=round(decoded_mb),
                 bomb_seconds=round(measured["seconds"], 1))
-    # Decoding holds about 3 bytes a pixel, with its transient buffers and the backbone's resizing beside it
-    assert growth_mb < 3 * budget_mb + 64, measured
+    # A pixel in flight is 3 bytes held, Pillow's own copy (4 bytes a pixel) is beside it while an image is
+    # decoded or resized, and the allocator keeps some of what was freed: a few times the budget, where the
+    # requests' decoded pixels are 60 times it.
+    assert growth_mb < 5 * budget_mb + 64 and growth_mb < decoded_mb / 10, measured
