@@ -25,7 +25,7 @@ from extractor.models import load_backbone
 from extractor.serving import requests as serving_requests
 from extractor.serving.client import FeatureClient
 from extractor.serving.oip import join_bytes
-from extractor.serving.requests import Call, Limits, StreamRequest
+from extractor.serving.requests import Call, Limits, RawPixels, StreamRequest
 from extractor.serving.rest import HttpServer, rest_app
 from extractor.store import EmbeddingStore
 from protos import feature_service_pb2 as pb
@@ -121,6 +121,12 @@ def test_a_request_over_its_pixel_budget_is_refused_before_decoding(make_service
     # An image refused on its own counts for nothing
     outcome = service.embed("vgg16", [*files[:3], png_declaring(1000, 1000)])
     assert outcome.ok.tolist() == [True, True, True, False] and decoded == files[:3]
+
+
+def test_a_batch_of_no_pixels_is_counted_before_its_images_are_listed(make_service):
+    service = make_service(FakeBackbone(512))
+    with pytest.raises(LimitExceededError, match="images per request is 2147483648"):
+        service.embed("vgg16", [], batch=RawPixels(b"", (2**31, 0, 3), "uint8"))
 
 
 def test_the_server_budget_makes_a_request_wait_until_another_finishes(make_service):

@@ -279,8 +279,8 @@ class FeatureService:
         self.require_ready()
         served = self.models.get(backbone)
         stacked = raw_array(batch, batch=True) if batch is not None else ()
+        self.admit(len(images) + len(stacked))  # before listing them: a batch of no pixels may hold 2**31 images
         every = [*images, *stacked]
-        self.admit(len(every))
         served.enter()
         pending = PendingEmbed(self, served, len(every), offset, call)
         try:
