@@ -125,18 +125,18 @@ def raw_array(raw: RawPixels, *, batch: bool = False) -> np.ndarray:
 def declared_pixels(image: ImageInput, max_pixels: int) -> int:
     """How many pixels one request image will decode to, read from an encoded file's header or a raw image's
     shape without decoding anything; InvalidInputError, or LimitExceededError over `max_pixels`."""
-    try:
-        if isinstance(image, bytes):
+    if isinstance(image, bytes):
+        try:
             return check_declared_size(image, max_pixels)
-        array = raw_array(image) if isinstance(image, RawPixels) else image
-        if array.ndim < 2:
-            raise InvalidInputError(f"image shape must be (H, W) or (H, W, C), got {tuple(array.shape)}")
-        pixels = array.shape[0] * array.shape[1]
-        if pixels > max_pixels:
-            raise LimitExceededError(PER_IMAGE, pixels, max_pixels)
-        return pixels
-    except LimitExceededError as exc:
-        raise LimitExceededError(PER_IMAGE, exc.value, exc.maximum) from None
+        except LimitExceededError as exc:  # the same limit, named as the server's budgets are
+            raise LimitExceededError(PER_IMAGE, exc.value, exc.maximum) from None
+    array = raw_array(image) if isinstance(image, RawPixels) else image
+    if array.ndim < 2:
+        raise InvalidInputError(f"image shape must be (H, W) or (H, W, C), got {tuple(array.shape)}")
+    pixels = array.shape[0] * array.shape[1]
+    if pixels > max_pixels:
+        raise LimitExceededError(PER_IMAGE, pixels, max_pixels)
+    return pixels
 
 
 def pixel_slices(pixels: dict[int, int], most: int) -> list[list[int]]:
