@@ -529,7 +529,8 @@ def oip_inputs(draw) -> tuple[str, str, list[int], bytes]:
 
 def oip_requests(names) -> st.SearchStrategy:
     """(model name, inputs, outputs asked for) of an inference request."""
-    return st.tuples(st.one_of(st.sampled_from([BACKBONE, HEAD]), names), st.lists(oip_inputs(), min_size=1, max_size=2),
+    return st.tuples(st.one_of(st.sampled_from([BACKBONE, HEAD]), names),
+                     st.lists(oip_inputs(), min_size=1, max_size=2),
                      st.lists(st.sampled_from(["EMBEDDING", "PROBABILITIES", "LABEL", "X"]), max_size=2))
 
 

@@ -53,7 +53,8 @@ def bomb_png(side: int, seed: int) -> bytes:
     """A real `side` x `side` RGB PNG of a few KB to a few hundred: every row the same (filter "Up", so every
     row after the first is zeros), channels unequal so that it decodes to 3 bytes a pixel, `seed` in blue."""
     x = np.arange(side)
-    first = b"\x00" + np.stack([x % 256, (3 * x + seed) % 256, np.full(side, seed % 256)], -1).astype(np.uint8).tobytes()
+    pixels = np.stack([x % 256, (3 * x + seed) % 256, np.full(side, seed % 256)], -1).astype(np.uint8)
+    first = b"\x00" + pixels.tobytes()
     head = zlib.compressobj(9, zlib.DEFLATED, -15)
     zeros, zeros_adler = _zero_rows(side)
     adler = zlib.adler32(first)  # the checksum of the whole, from the first row's and the zero rows' own ones
