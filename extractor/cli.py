@@ -344,10 +344,25 @@ def add_service_commands(commands) -> None:
                        help="how long the first waiting image waits for others to batch with (default 5)")
     serve.add_argument("--hot-cache-mb", type=float, default=256,
                        help="recently used vectors kept in memory in front of the store (default 256)")
+    from extractor.serving.requests import Limits  # numpy and Pillow's header readers only, no TensorFlow
+
+    default = Limits()
     limits = serve.add_argument_group("limits (defaults: extractor.serving.requests.Limits; the server logs them)")
-    limits.add_argument("--max-images", type=int, help="images (or keys) per request")
+    limits.add_argument("--max-images", type=int, default=default.max_images_per_request,
+                        help="images (or keys) per request (default %(default)s)")
     limits.add_argument("--max-message-mb", type=float, default=64, help="MiB per message or HTTP body (default 64)")
-    limits.add_argument("--max-pixels", type=int, help="decoded pixels per image")
+    limits.add_argument("--max-pixels", type=int, default=default.max_decoded_pixels,
+                        help="decoded pixels per image, read from its header before decoding; also the slices a "
+                             "large request is decoded and embedded in (default %(default)s)")
+    limits.add_argument("--max-request-pixels", type=int, default=default.max_request_pixels,
+                        help="decoded pixels per request, summed over its images (default %(default)s)")
+    limits.add_argument("--max-pixels-in-flight", type=int, default=default.max_pixels_in_flight,
+                        help="decoded pixels held at once by all calls together, which bounds the server's memory "
+                             "(about 3 bytes a pixel); a call waits for its share, then fails RESOURCE_EXHAUSTED "
+                             "(HTTP 429); at least --max-pixels (default %(default)s)")
+    limits.add_argument("--max-pixel-wait-s", type=float, default=default.max_pixel_wait_seconds,
+                        help="the longest a call waits for its share of --max-pixels-in-flight, less when its "
+                             "deadline is sooner (default %(default)s)")
     serve.add_argument("--tls-cert", help="PEM certificate chain: serve TLS on every port (with --tls-key)")
     serve.add_argument("--tls-key", help="PEM private key")
     serve.add_argument("--token-file", help="require 'authorization: Bearer <token>' (gRPC metadata or HTTP header) "
@@ -382,8 +397,9 @@ def cmd_serve(args) -> int:
 
     catalog = repository_catalog(args.data_dir, args.model_repository)
     specs = [catalog.spec(name.strip()) for name in args.backbones.split(",") if name.strip()]
-    given = {"max_images_per_request": args.max_images, "max_decoded_pixels": args.max_pixels}
-    limits = Limits(**{name: value for name, value in given.items() if value is not None})
+    limits = Limits(max_images_per_request=args.max_images, max_decoded_pixels=args.max_pixels,
+                    max_request_pixels=args.max_request_pixels, max_pixels_in_flight=args.max_pixels_in_flight,
+                    max_pixel_wait_seconds=args.max_pixel_wait_s)
     doors = Doors(host=args.host, port=args.port, http_port=args.http_port, metrics_port=args.metrics_port,
                   token=read_token(args.token_file), tls=read_tls(args.tls_cert, args.tls_key),
                   max_message_bytes=int(args.max_message_mb * 2**20),

@@ -45,11 +45,38 @@ class InvalidInputError(ExtractorError, ValueError):
 
 
 class LimitExceededError(ExtractorError):
-    """A request over one of the configured limits (images per request, bytes, decoded pixels)."""
+    """A request over one of the configured limits (images per request, bytes, decoded pixels per image or request)."""
 
     def __init__(self, limit: str, value, maximum):
         self.limit, self.value, self.maximum = limit, value, maximum
         super().__init__(f"{limit} is {value}, over the limit of {maximum}")
+
+
+class BusyError(LimitExceededError):
+    """A call within its own limits that the server is too busy to take now: nothing is wrong with it, and it
+    may be sent again after `retry_after` seconds (gRPC RESOURCE_EXHAUSTED, HTTP 429 with Retry-After)."""
+
+    retry_after: float = 1.0
+
+
+class BudgetBusyError(BusyError):
+    """A request that did not get its share of a server-wide budget in time: other requests hold it."""
+
+    def __init__(self, limit: str, value, maximum, waited: float, retry_after: float = 1.0):
+        super().__init__(limit, value, maximum)
+        self.waited, self.retry_after = waited, retry_after
+        self.args = (f"{limit}: this request's {value} did not fit within the budget of {maximum} after waiting "
+                     f"{waited:.1f} s (other requests hold it); retry later",)
+
+
+class ServerBusyError(BusyError):
+    """A call refused because the server already answers as many calls (or holds as many streams) as its cap
+    allows."""
+
+    def __init__(self, what: str, maximum: int, option: str, retry_after: float = 1.0):
+        super().__init__(what, maximum, maximum)
+        self.retry_after = retry_after
+        self.args = (f"the server is at its cap of {maximum} {what} ({option}); retry after {retry_after:g} s",)
 
 
 class ChecksumError(ExtractorError):
@@ -92,13 +119,3 @@ class AuthenticationError(ExtractorError):
 class UntrustedModelError(ExtractorError):
     """A saved model that could run code when loaded: a pickle, a type outside the trusted list, a Keras
     layer that carries Python code, or a file reached through a link out of its folder."""
-
-
-class ServerBusyError(LimitExceededError):
-    """A call refused because the server already answers as many calls (or holds as many streams) as its cap
-    allows: nothing is wrong with the call, and it may be sent again after `retry_after` seconds."""
-
-    def __init__(self, what: str, maximum: int, option: str, retry_after: float = 1.0):
-        super().__init__(what, maximum, maximum)
-        self.retry_after = retry_after
-        self.args = (f"the server is at its cap of {maximum} {what} ({option}); retry after {retry_after:g} s",)

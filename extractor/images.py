@@ -32,6 +32,7 @@ DEFAULT_MAX_PIXELS = 64 * 1024 * 1024  # decoded pixels per image; larger header
 # DDS, SPIDER, ...) are never tried on bytes a client sends.
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "PPM")
 TIFF_BITS_PER_SAMPLE, TIFF_SAMPLE_FORMAT, TIFF_SIGNED = 258, 339, 2
+STRIP_PIXELS = 1024 * 1024  # images larger than this are copied out of Pillow in strips of rows
 
 
 def canonical_pixels(array: np.ndarray) -> np.ndarray:
@@ -162,7 +163,7 @@ def _viewed_pixels(image) -> np.ndarray:
     if mode.startswith("I"):  # "I;16", "I;16B", "I;16S", "I" (32-bit, or 16-bit PNG and PGM)
         return to_8_bits(np.asarray(image), bits, signed)
     if mode in ("L", "RGB", "RGBA"):
-        return np.asarray(image)
+        return _pixels_of(image)
     if mode in ("1", "F"):  # "F": float samples taken as 0..255, as Pillow converts them
         return np.asarray(image.convert("L"))
     if mode == "LA":
@@ -170,6 +171,20 @@ def _viewed_pixels(image) -> np.ndarray:
     if mode in ("P", "PA"):  # through RGBA, so a palette's transparency does not need a warning
         return np.asarray(image.convert("RGBA"))
     return np.asarray(image.convert("RGB"))  # CMYK, YCbCr, LAB, RGBX, RGBa, ...
+
+
+def _pixels_of(image) -> np.ndarray:
+    """`np.asarray(image)` of an 8-bit L, RGB or RGBA image; a large one is copied a strip of rows at a time,
+    because Pillow's whole-image copy holds the pixels twice over (its chunks, then their join) beside the
+    decoded image: a server decoding for many clients would need that much more memory per pixel."""
+    width, height = image.size
+    if width * height <= STRIP_PIXELS:
+        return np.asarray(image)
+    out = np.empty((height, width, len(image.mode)) if image.mode != "L" else (height, width), dtype=np.uint8)
+    rows = max(1, STRIP_PIXELS // width)
+    for top in range(0, height, rows):
+        out[top:top + rows] = np.asarray(image.crop((0, top, width, min(height, top + rows))))
+    return out
 
 
 def _declared_depth(image) -> tuple[int, bool]:

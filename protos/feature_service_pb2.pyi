@@ -8,20 +8,26 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Limits(_message.Message):
-    __slots__ = ("max_images_per_request", "max_message_bytes", "max_decoded_pixels", "max_streams", "max_concurrent_calls", "stream_idle_seconds")
+    __slots__ = ("max_images_per_request", "max_message_bytes", "max_decoded_pixels", "max_request_pixels", "max_pixels_in_flight", "max_pixel_wait_seconds", "max_streams", "max_concurrent_calls", "stream_idle_seconds")
     MAX_IMAGES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_DECODED_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PIXELS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    MAX_PIXEL_WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MAX_STREAMS_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_CALLS_FIELD_NUMBER: _ClassVar[int]
     STREAM_IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     max_images_per_request: int
     max_message_bytes: int
     max_decoded_pixels: int
+    max_request_pixels: int
+    max_pixels_in_flight: int
+    max_pixel_wait_seconds: float
     max_streams: int
     max_concurrent_calls: int
     stream_idle_seconds: float
-    def __init__(self, max_images_per_request: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_decoded_pixels: _Optional[int] = ..., max_streams: _Optional[int] = ..., max_concurrent_calls: _Optional[int] = ..., stream_idle_seconds: _Optional[float] = ...) -> None: ...
+    def __init__(self, max_images_per_request: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_decoded_pixels: _Optional[int] = ..., max_request_pixels: _Optional[int] = ..., max_pixels_in_flight: _Optional[int] = ..., max_pixel_wait_seconds: _Optional[float] = ..., max_streams: _Optional[int] = ..., max_concurrent_calls: _Optional[int] = ..., stream_idle_seconds: _Optional[float] = ...) -> None: ...
 
 class Backbone(_message.Message):
     __slots__ = ("name", "summary", "input_size", "channels", "recipe", "recipes", "pooling", "output_dim", "fingerprint", "limits", "weights_sha256")

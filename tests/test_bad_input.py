@@ -7,6 +7,7 @@ counts add up to the `cases_tried` of benchmarks/results/reliability.json.
 
 import contextlib
 import io
+import json
 import math
 import os
 import struct
@@ -14,8 +15,10 @@ import tempfile
 import zipfile
 import zlib
 from pathlib import Path
+from urllib.parse import quote
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 from google.protobuf.message import DecodeError
@@ -30,7 +33,10 @@ from extractor.serving.client import tensor
 from extractor.datasets import IMAGE_SUFFIXES, Dataset, open_dataset
 from extractor.errors import ExtractorError, InvalidInputError, LimitExceededError
 from extractor.images import DEFAULT_MAX_PIXELS, canonical_pixels, decode_image
+from extractor.serving.oip import join_bytes
+from extractor.serving.rest import HttpServer, rest_app
 from protos import feature_service_pb2 as pb
+from protos import grpc_service_pb2 as oip_pb
 
 OK = grpc.StatusCode.OK
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -45,6 +51,7 @@ MAX_PIXELS = LIMITS.max_decoded_pixels
 SERVER_PEAK_GROWTH = 512 * 2**20
 READER_PEAK_GROWTH = 3 * 2**30
 SERVICE = pb.DESCRIPTOR.services_by_name["FeatureService"]
+OIP_SERVICE = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:PIL")  # damaged files: Pillow warns, then refuses
 
@@ -319,12 +326,13 @@ def stored(channel) -> dict[bytes, np.ndarray]:
     return {response.keys[i * 32:(i + 1) * 32]: vectors[i] for i in range(3)}
 
 
-def rpc(channel, method: str):
-    """A callable for one method of the service, taking and returning messages."""
-    descriptor = SERVICE.methods_by_name[method]
-    request, response = (getattr(pb, d.name) for d in (descriptor.input_type, descriptor.output_type))
+def rpc(channel, method: str, service=SERVICE, messages=pb):
+    """A callable for one method of the service (or of the Open Inference Protocol's), taking and returning
+    messages."""
+    descriptor = service.methods_by_name[method]
+    request, response = (getattr(messages, d.name) for d in (descriptor.input_type, descriptor.output_type))
     make = channel.stream_stream if descriptor.client_streaming else channel.unary_unary
-    return make(f"/{SERVICE.full_name}/{method}", request.SerializeToString, response.FromString)
+    return make(f"/{service.full_name}/{method}", request.SerializeToString, response.FromString)
 
 
 def outcome(call, figures):
@@ -484,6 +492,115 @@ def test_random_bytes_to_every_method(cases, channel, figures, still_serving):
     methods = st.sampled_from([method.name for method in SERVICE.methods])
     run_cases("every method, random bytes", cases,
               st.tuples(methods, st.lists(st.binary(max_size=300), min_size=1, max_size=3)), check, figures)
+
+
+# --- the Open Inference Protocol's doors: the same generated images over OIP gRPC and REST ------------------
+
+OIP_DATATYPES = ["UINT8", "BYTES", "FP32", "INT64", "UINT16", "BOOL", "?"]
+OIP_ERRORS = {INVALID, NOT_FOUND, EXHAUSTED}
+HTTP_ERRORS = {400, 404, 413}  # what a client's mistake may get over REST; never 500
+
+
+@pytest.fixture(scope="module")
+def http_url(server):
+    """The REST door on the fuzzed server's core."""
+    http = HttpServer(rest_app(server.service, server.metrics), port=0)
+    yield f"http://127.0.0.1:{http.port}"
+    http.stop(1)
+
+
+@st.composite
+def oip_inputs(draw) -> tuple[str, str, list[int], bytes]:
+    """(name, datatype, shape, raw contents) of one input: IMAGES of generated files, PIXELS of generated tensors
+    of any shape, either one mislabelled, or anything at all."""
+    kind = draw(st.sampled_from(["IMAGES", "IMAGES", "PIXELS", "PIXELS", "anything"]))
+    if kind == "IMAGES":
+        files = draw(st.lists(encoded_images, max_size=6))
+        shape = draw(st.one_of(st.just([len(files)]), st.lists(st.integers(-1, 7), max_size=3)))
+        datatype = draw(st.sampled_from(["BYTES", "BYTES", *OIP_DATATYPES]))
+        return "IMAGES", datatype, shape, join_bytes(files)
+    if kind == "PIXELS":
+        tensor = draw(tensors(batch=True))
+        return "PIXELS", draw(st.sampled_from(["UINT8", "UINT8", *OIP_DATATYPES])), list(tensor.shape), tensor.data
+    return (draw(st.sampled_from(["PIXELS", "IMAGES", "EMBEDDING", ""])), draw(st.sampled_from(OIP_DATATYPES)),
+            draw(st.lists(st.one_of(st.integers(-2, 40), st.sampled_from([2**31, 2**62])), max_size=4)),
+            draw(st.binary(max_size=300)))
+
+
+def oip_requests(names) -> st.SearchStrategy:
+    """(model name, inputs, outputs asked for) of an inference request."""
+    return st.tuples(st.one_of(st.sampled_from([BACKBONE, HEAD]), names),
+                     st.lists(oip_inputs(), min_size=1, max_size=2),
+                     st.lists(st.sampled_from(["EMBEDDING", "PROBABILITIES", "LABEL", "X"]), max_size=2))
+
+
+def checked_outputs(model: str, outputs: dict[str, np.ndarray]) -> None:
+    """A successful inference's outputs: finite vectors or probabilities, one row per image."""
+    for name, array in outputs.items():
+        if name in ("EMBEDDING", "PROBABILITIES"):
+            assert array.shape[1] == (DIM if name == "EMBEDDING" else len(CLASSES)) and np.isfinite(array).all()
+
+
+@pytest.mark.parametrize("cases", reliability_sizes(25, 300))
+def test_oip_grpc_infer(cases, channel, figures, still_serving):
+    """ModelInfer with generated inputs: the protocol's documented codes (a bad image fails the call), never
+    INTERNAL."""
+    import tritonclient.grpc as triton_grpc
+
+    infer = rpc(channel, "ModelInfer", OIP_SERVICE, oip_pb)
+
+    def check(example):
+        model, inputs, wanted = example
+        request = oip_pb.ModelInferRequest(
+            model_name=model, inputs=[oip_pb.ModelInferRequest.InferInputTensor(name=n, datatype=d, shape=shape)
+                                      for n, d, shape, _ in inputs],
+            raw_input_contents=[raw for *_, raw in inputs],
+            outputs=[oip_pb.ModelInferRequest.InferRequestedOutputTensor(name=name) for name in wanted])
+        response, code = outcome(lambda: infer(request, timeout=120), figures)
+        assert code in OIP_ERRORS | {OK}
+        if code == OK:
+            result = triton_grpc.InferResult(response)
+            checked_outputs(model, {output.name: result.as_numpy(output.name) for output in response.outputs})
+
+    run_cases("ModelInfer (OIP gRPC)", cases, oip_requests(ODD_NAMES), check, figures)
+
+
+@pytest.mark.parametrize("cases", reliability_sizes(25, 300))
+def test_rest_infer(cases, http_url, figures, still_serving):
+    """/v2/models/{name}/infer with generated inputs as binary tensors, or JSON values when small: 200 or a
+    client error with a JSON message, never 500; the door keeps serving."""
+    def check(example):
+        model, inputs, wanted = example
+        entries, data = [], b""
+        for name, datatype, shape, raw in inputs:
+            entry = {"name": name, "datatype": datatype, "shape": shape}
+            if datatype == "UINT8" and len(raw) <= 64:
+                entry["data"] = list(raw)
+            else:
+                entry["parameters"] = {"binary_data_size": len(raw)}
+                data += raw
+            entries.append(entry)
+        body = {"inputs": entries, **({"outputs": [{"name": name} for name in wanted]} if wanted else {})}
+        header = json.dumps(body).encode()
+        response = httpx.post(f"{http_url}/v2/models/{quote(model, safe='')}/infer", content=header + data,
+                              headers={"Inference-Header-Content-Length": str(len(header))}, timeout=120)
+        if response.status_code >= 500:
+            figures.add(internal_errors=1)
+        assert response.status_code in HTTP_ERRORS | {200}, response.text
+        if response.status_code != 200:  # a path that names no model ("", "a/b") is the router's own 404
+            assert response.json().get("error") or response.status_code == 404, response.text
+            assert "Traceback" not in response.text
+        else:
+            length = int(response.headers.get("inference-header-content-length", len(response.content)))
+            result = json.loads(response.content[:length])
+            checked_outputs(model, {o["name"]: np.asarray(o["data"], np.float32).reshape(o["shape"])
+                                    for o in result["outputs"] if "data" in o and o["datatype"] == "FP32"})
+
+    try:
+        # Names short enough for a URL's path: a 40,000-character one is the HTTP server's to refuse, not the door's
+        run_cases("REST infer", cases, oip_requests(ODD_NAMES.filter(lambda name: len(name) < 1000)), check, figures)
+    finally:
+        assert httpx.get(f"{http_url}/v2/health/ready", timeout=30).status_code == 200
 
 
 # --- readers and decoders ------------------------------------------------------------------------------------

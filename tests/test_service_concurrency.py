@@ -145,7 +145,7 @@ def test_calls_over_the_cap_are_refused_at_once_on_every_door(held):
         grpc.StatusCode.RESOURCE_EXHAUSTED
     response, seconds = timed(lambda: httpx.post(f"{server.url}/v2/models/vgg16/infer", json=rest_infer_body(9),
                                                  timeout=30))
-    assert response.status_code == 503 and response.headers["Retry-After"] == "1" and seconds < QUICK
+    assert response.status_code == 429 and response.headers["Retry-After"] == "1" and seconds < QUICK
     assert "--max-concurrent-calls" in response.json()["error"]
     server.backbone.gate.set()
     wait_until(lambda: len(outcomes) == 2)

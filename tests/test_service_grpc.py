@@ -213,7 +213,7 @@ def test_per_image_errors_leave_the_other_images_intact(client, reference):
         (1, grpc.StatusCode.INVALID_ARGUMENT), (2, grpc.StatusCode.INVALID_ARGUMENT),
         (3, grpc.StatusCode.RESOURCE_EXHAUSTED)]
     assert "image 2: pixel dtype must be uint8" in result.errors[1].message
-    assert "image 3: decoded pixels is 16384" in result.errors[2].message
+    assert "image 3: decoded pixels per image is 16384" in result.errors[2].message
     assert np.array_equal(result.vectors[[0, 4]], reference(good))
     assert np.isnan(result.vectors[1:4]).all()
 

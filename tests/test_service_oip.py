@@ -229,6 +229,7 @@ def test_rest_json_as_curl_sends_it(served, own):
     ("unknown model", 404, "unknown model 'nope'"),
     ("unknown version", 404, "unknown version of model 'vgg16'"),
     ("too many images", 413, "images per request is 65"),
+    ("no elements, sides too large", 400, "cannot be an array"),
 ])
 def test_rest_errors_have_their_status_and_a_json_error(served, case, status, message):
     url = f"http://{served.http_url}/v2/models/vgg16/infer"
@@ -245,6 +246,7 @@ def test_rest_errors_have_their_status_and_a_json_error(served, case, status, me
         "unknown model": dict(json={"inputs": [pixels]}),
         "unknown version": dict(json={"inputs": [pixels]}),
         "too many images": dict(json={"inputs": [{**pixels, "shape": [65, 1, 1, 1], "data": [0] * 65}]}),
+        "no elements, sides too large": dict(json={"inputs": [{**pixels, "shape": [0, 2, 2**62], "data": []}]}),
     }
     if case == "unknown model":
         url = url.replace("vgg16", "nope")

@@ -107,7 +107,9 @@ def fit_pixels(images: list[np.ndarray], size: int, channels: int, pad_to: int |
     if not images:
         return out
     shapes = {image.shape for image in images}
-    if len(shapes) == 1:  # the common case: one vectorised path for the whole batch
+    # The common case, small images of one shape: one vectorised path for the whole batch. Images to be resized
+    # go one by one, never stacked: a copy of a batch of large images would double a server's decoded pixels.
+    if len(shapes) == 1 and images[0].shape[0] * images[0].shape[1] <= max(size, pad_to or 0) ** 2:
         out[:] = _fit_one(np.stack(images), size, channels, pad_to)
     else:
         for i, image in enumerate(images):

@@ -103,6 +103,7 @@ class MicroBatcher:
                     live.append(work)
             if live:
                 self._compute(live)
+            del batch, live  # the pixels go now, not once the next batch has arrived
 
     def _compute(self, works: list[_Work]) -> None:
         started = time.perf_counter()
@@ -124,5 +125,7 @@ class MicroBatcher:
         start = 0
         for work in works:
             end = start + len(work.images)
+            # Drop the pixels first: the future's callbacks give the call's share of the pixel budget back.
+            work.images = []
             work.future.set_result((resolved.vectors[start:end], resolved.cached[start:end]))
             start = end

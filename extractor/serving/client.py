@@ -14,6 +14,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extractor.errors import ExtractorError, InvalidInputError
+from extractor.images import declared_image_size
 from extractor.wire import HEADROOM, KEY_BYTES, vectors_per_response
 from protos import feature_service_pb2 as pb
 from protos import feature_service_pb2_grpc as pb_grpc
@@ -80,6 +81,19 @@ def image_message(image: ImageLike) -> pb.Image:
         return pb.Image(encoded=Path(image).read_bytes())
     except OSError as exc:
         raise InvalidInputError(f"cannot read {image}: {exc.strerror or exc}") from exc
+
+
+def declared_pixels(message: pb.Image) -> int:
+    """The pixels an image message will decode to, as its shape or its file's header says (0 when they do not
+    say: the server reports that image)."""
+    if message.WhichOneof("content") == "pixels":
+        shape = message.pixels.shape
+        return shape[0] * shape[1] if len(shape) >= 2 else 0
+    try:
+        width, height = declared_image_size(message.encoded)
+    except ExtractorError:
+        return 0
+    return width * height
 
 
 def as_matrix(message: pb.Matrix) -> np.ndarray:
@@ -201,27 +215,34 @@ class FeatureClient:
         return self._output_dims[backbone]
 
     def _requests(self, images: Images, response_dim: int = 0) -> Iterator[tuple[int, dict]]:
-        """(offset, request fields) per request, within the server's limits: images per request, and
-        message bytes both for the request and for a response of `response_dim`-wide vectors."""
+        """(offset, request fields) per request, within the server's limits: images per request, decoded
+        pixels per request, and message bytes both for the request and for a response of `response_dim`-wide
+        vectors."""
         limits = self.limits()
         budget = max(limits.max_message_bytes - HEADROOM, 1)
         most = limits.max_images_per_request
+        most_pixels = limits.max_request_pixels or None  # 0: a server that does not say
         if response_dim:
             most = min(most, vectors_per_response(limits.max_message_bytes, response_dim))
         if isinstance(images, np.ndarray):
             per_request = min(most, max(budget // max(images[0:1].nbytes, 1), 1))
+            if most_pixels and images.ndim >= 3:
+                per_request = min(per_request, max(most_pixels // max(images.shape[1] * images.shape[2], 1), 1))
             for start in range(0, max(len(images), 1), per_request):
                 yield start, {"batch": tensor(images[start:start + per_request])}
             return
         batch: list[pb.Image] = []
-        size = start = 0
+        size = pixels = start = 0
         for i, image in enumerate(images):
             message = image_message(image)
-            if batch and (len(batch) == most or size + message.ByteSize() > budget):
+            message_pixels = declared_pixels(message) if most_pixels else 0
+            if batch and (len(batch) == most or size + message.ByteSize() > budget
+                          or (most_pixels and pixels + message_pixels > most_pixels)):
                 yield start, {"images": batch}
-                batch, size, start = [], 0, i
+                batch, size, pixels, start = [], 0, 0, i
             batch.append(message)
             size += message.ByteSize()
+            pixels += message_pixels
         if batch or not images:
             yield start, {"images": batch}
 

@@ -58,8 +58,8 @@ def from_raw(name: str, datatype: str, shape: list[int], raw: bytes) -> Tensor:
     if len(raw) != count * np.dtype(dtype).itemsize:
         raise InvalidInputError(f"input {name!r}: {len(raw)} bytes of {datatype} data do not fill shape "
                                 f"{list(shape)} ({count * np.dtype(dtype).itemsize} bytes)")
-    return Tensor(name, datatype, list(shape), np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<"))
-                  .reshape(shape))
+    return Tensor(name, datatype, list(shape), shaped(np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")),
+                                                      shape, name))
 
 
 def from_values(name: str, datatype: str, shape: list[int], values: list) -> Tensor:
@@ -78,7 +78,15 @@ def from_values(name: str, datatype: str, shape: list[int], values: list) -> Ten
         raise InvalidInputError(f"input {name!r}: values are not {datatype}: {exc}") from None
     if dtype != np.bool_ and not np.array_equal(array, np.array(values, dtype=np.float64)):
         raise InvalidInputError(f"input {name!r}: values out of the range of {datatype}")
-    return Tensor(name, datatype, list(shape), array.reshape(shape))
+    return Tensor(name, datatype, list(shape), shaped(array, shape, name))
+
+
+def shaped(values: np.ndarray, shape: list[int], name: str) -> np.ndarray:
+    """`values` in `shape`; a shape with no elements can still have sides too large for any array."""
+    try:
+        return values.reshape(shape)
+    except ValueError as exc:
+        raise InvalidInputError(f"input {name!r}: shape {list(shape)} cannot be an array: {exc}") from None
 
 
 def _dtype(datatype: str, name: str):

@@ -90,6 +90,9 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             limits=pb.Limits(max_images_per_request=limits.max_images_per_request,
                              max_message_bytes=self.max_message_bytes,
                              max_decoded_pixels=limits.max_decoded_pixels,
+                             max_request_pixels=limits.max_request_pixels,
+                             max_pixels_in_flight=limits.max_pixels_in_flight,
+                             max_pixel_wait_seconds=limits.max_pixel_wait_seconds,
                              max_streams=self.concurrency.max_streams,
                              max_concurrent_calls=self.concurrency.max_calls,
                              stream_idle_seconds=self.concurrency.stream_idle_seconds))

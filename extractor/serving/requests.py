@@ -10,7 +10,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from extractor.errors import ExtractorError, InvalidInputError, LimitExceededError
-from extractor.images import canonical_pixels, decode_image
+from extractor.images import canonical_pixels, check_declared_size, decode_image
+
+PER_IMAGE = "decoded pixels per image"
+PER_REQUEST = "decoded pixels per request"
 
 
 @dataclass(frozen=True)
@@ -18,12 +21,27 @@ class Limits:
     """What one request may ask for; over any of them the request fails with a `LimitExceededError`.
 
     This is the one home of admission: every door's call goes through `FeatureService.admit`, which checks
-    these. Message sizes are not here: they belong to the doors that send messages.
+    these before any pixel is decoded. Message sizes are not here: they belong to the doors that send messages.
     """
 
     max_images_per_request: int = 1024
-    # Per image; lower than a local job's default because a server decodes for many clients at once.
+    # Per image, read from the header before decoding; lower than a local job's default because a server
+    # decodes for many clients at once. Also the size of the slices a large request is decoded and embedded in.
     max_decoded_pixels: int = 16 * 1024 * 1024
+    # Summed over a request's images (1024 images of 512 x 512): the work one call may ask for.
+    max_request_pixels: int = 256 * 1024 * 1024
+    # Decoded pixels held at once by every call of every door together (about 192 MiB as RGB): what bounds
+    # the server's memory, whatever the requests. A call waits for its share at most `max_pixel_wait_seconds`.
+    max_pixels_in_flight: int = 64 * 1024 * 1024
+    max_pixel_wait_seconds: float = 10.0
+
+    def __post_init__(self):
+        if min(self.max_images_per_request, self.max_decoded_pixels, self.max_request_pixels) < 1 \
+                or self.max_pixel_wait_seconds < 0:
+            raise InvalidInputError(f"limits must be positive, got {self}")
+        if self.max_pixels_in_flight < self.max_decoded_pixels:
+            raise InvalidInputError(f"the decoded pixels in flight ({self.max_pixels_in_flight}) must hold at least "
+                                    f"one image of the largest size allowed ({self.max_decoded_pixels} pixels)")
 
 
 @dataclass(frozen=True)
@@ -104,13 +122,46 @@ def raw_array(raw: RawPixels, *, batch: bool = False) -> np.ndarray:
         raise InvalidInputError(f"{what} shape {shape} cannot be an array: {exc}") from None
 
 
+def declared_pixels(image: ImageInput, max_pixels: int) -> int:
+    """How many pixels one request image will decode to, read from an encoded file's header or a raw image's
+    shape without decoding anything; InvalidInputError, or LimitExceededError over `max_pixels`."""
+    if isinstance(image, bytes):
+        try:
+            return check_declared_size(image, max_pixels)
+        except LimitExceededError as exc:  # the same limit, named as the server's budgets are
+            raise LimitExceededError(PER_IMAGE, exc.value, exc.maximum) from None
+    array = raw_array(image) if isinstance(image, RawPixels) else image
+    if array.ndim < 2:
+        raise InvalidInputError(f"image shape must be (H, W) or (H, W, C), got {tuple(array.shape)}")
+    pixels = array.shape[0] * array.shape[1]
+    if pixels > max_pixels:
+        raise LimitExceededError(PER_IMAGE, pixels, max_pixels)
+    return pixels
+
+
+def pixel_slices(pixels: dict[int, int], most: int) -> list[list[int]]:
+    """Image positions (keys of `pixels`, in order) cut into consecutive slices of at most `most` pixels
+    together; an image alone over `most` is a slice of its own."""
+    slices: list[list[int]] = []
+    total = 0
+    for position, count in pixels.items():
+        if not slices or total + count > most:
+            slices.append([])
+            total = 0
+        slices[-1].append(position)
+        total += count
+    return slices
+
+
 def to_pixels(image: ImageInput, max_pixels: int) -> np.ndarray:
     """One request image -> canonical uint8 (H, W, C); raises InvalidInputError or LimitExceededError."""
     if isinstance(image, bytes):
-        return decode_image(image, max_pixels)
+        try:
+            return decode_image(image, max_pixels)
+        except LimitExceededError as exc:
+            raise LimitExceededError(PER_IMAGE, exc.value, exc.maximum) from None
     array = raw_array(image) if isinstance(image, RawPixels) else image
-    if array.shape[0] * array.shape[1] > max_pixels:
-        raise LimitExceededError("decoded pixels", array.shape[0] * array.shape[1], max_pixels)
+    declared_pixels(array, max_pixels)
     return canonical_pixels(array)
 
 

@@ -8,6 +8,7 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import os
 import socket
 import tempfile
@@ -22,8 +23,8 @@ from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
-from extractor.errors import (AuthenticationError, InvalidInputError, LimitExceededError, NotReadyError,
-                              ServerBusyError, StoreError, StoreFullError, UnknownNameError)
+from extractor.errors import (AuthenticationError, BusyError, InvalidInputError, LimitExceededError, NotReadyError,
+                              StoreError, StoreFullError, UnknownNameError)
 from extractor.serving.concurrency import ServerSlots
 from extractor.serving.metrics import ServingMetrics
 from extractor.serving.oip import (EXTENSIONS, SERVER_NAME, VERSION, InferenceModels, Tensor, from_raw, from_values,
@@ -43,8 +44,8 @@ STATUS_BY_ERROR = (  # the REST door's one table; the body is always {"error": "
     (InvalidInputError, 400),
     (AuthenticationError, 401),
     (UnknownNameError, 404),
-    (ServerBusyError, 503),  # with Retry-After: the server is at its cap of calls in flight
-    (LimitExceededError, 413),
+    (BusyError, 429),  # at a cap of calls or streams, or the pixel budget stayed full: Retry-After says when
+    (LimitExceededError, 413),  # over the request's own limits: the same request will never fit
     (NotReadyError, 503),
     (StoreFullError, 507),   # Insufficient Storage
     (StoreError, 503),       # read-only, I/O error, damaged: the store, not the request
@@ -58,8 +59,7 @@ MAX_ERROR_CHARS = 2000
 def error_response(error: BaseException) -> JSONResponse:
     for kind, status in STATUS_BY_ERROR:
         if isinstance(error, kind):
-            retry_after = getattr(error, "retry_after", None)
-            headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None
+            headers = {"Retry-After": str(math.ceil(error.retry_after))} if isinstance(error, BusyError) else None
             return JSONResponse({"error": (str(error) or kind.__name__)[:MAX_ERROR_CHARS]}, status_code=status,
                                 headers=headers)
     log.error("REST call failed", exc_info=error)

@@ -16,12 +16,13 @@ from extractor.embedder import Embedder
 from extractor.errors import ExtractorError, InvalidInputError, LimitExceededError, NotReadyError, UnknownNameError
 from extractor.jobs import prefetched
 from extractor.serving.batcher import MicroBatcher
+from extractor.serving.budget import PixelBudget
 from extractor.serving.events import EventFanout, ModelUsage, ServingEvents, UsageStatistics
 from extractor.serving.heads import Head
 from extractor.serving.hot_cache import HotVectors
 from extractor.serving.loaded_models import Catalog, LoadedModels, ModelLoadFailed, ModelStatus, ServedBackbone
-from extractor.serving.requests import Call, ClassifyOutcome, EmbedOutcome, ImageInput, Limits, RawPixels, \
-    StreamRequest, at_index, raw_array, to_pixels
+from extractor.serving.requests import PER_REQUEST, Call, ClassifyOutcome, EmbedOutcome, ImageInput, Limits, \
+    RawPixels, StreamRequest, at_index, declared_pixels, pixel_slices, raw_array, to_pixels
 from extractor.store import EmbeddingStore, ServedSet
 from extractor.wire import KEY_BYTES
 
@@ -29,16 +30,18 @@ log = logging.getLogger(__name__)
 
 
 class PendingEmbed:
-    """Images checked and looked up; the misses, if any, queued for the backbone. `result` waits for them."""
+    """A call's images checked and looked up, slice by slice; the last slice's misses, if any, queued for the
+    backbone. `result` waits for them."""
 
     def __init__(self, service: FeatureService, served: ServedBackbone, count: int, offset: int, call: Call):
         self.service, self.served, self.count, self.offset, self.call = service, served, count, offset, call
         self.errors: list[tuple[int, ExtractorError]] = []
-        self.good: list[int] = []          # request positions of the images that decoded
-        self.keys: list[bytes] = []        # their content keys
-        self.stored: dict[bytes, np.ndarray] = {}
-        self.missing: list[int] = []       # positions within `good` left for the backbone
-        self.future: Future | None = None
+        self.vectors = np.full((count, served.dim), np.nan, dtype=np.float32)
+        self.cached = np.zeros(count, dtype=bool)
+        self.ok = np.zeros(count, dtype=bool)
+        self.keys = [bytes(KEY_BYTES)] * count  # zeros for images that failed
+        self.future: Future | None = None  # the last slice's misses
+        self.future_rows: list[int] = []   # their request positions
         self.started = time.perf_counter()
         self._open = True  # holds the backbone until its result is taken
 
@@ -51,44 +54,28 @@ class PendingEmbed:
     def result(self) -> EmbedOutcome:
         """Wait (up to the call's deadline) for the computed vectors and put every row in place."""
         try:
-            outcome = self._result()
+            self.take_computed()
         except BaseException:
             self.service.events.request_done(self.served.spec.name, False, time.perf_counter() - self.started)
             raise
         finally:
             self.release()
         self.service.events.request_done(self.served.spec.name, True, time.perf_counter() - self.started)
-        return outcome
+        return EmbedOutcome(self.served.embedder.fingerprint, self.vectors, self.cached, self.ok,
+                            b"".join(self.keys), sorted(self.errors, key=lambda error: error[0]), self.offset)
 
-    def _result(self) -> EmbedOutcome:
-        n, dim = self.count, self.served.dim
-        vectors = np.full((n, dim), np.nan, dtype=np.float32)
-        cached = np.zeros(n, dtype=bool)
-        ok = np.zeros(n, dtype=bool)
-        good = np.asarray(self.good, dtype=np.intp)
-        ok[good] = True
-        for position, key in zip(self.good, self.keys):
-            vector = self.stored.get(key)
-            if vector is not None:
-                vectors[position] = vector
-                cached[position] = True
-        if self.future is not None:
-            try:
-                computed, computed_cached = self.future.result(timeout=self.call.remaining())
-            except TimeoutError:
-                self.future.cancel()  # still queued: the batcher skips it
-                raise
-            rows = good[np.asarray(self.missing, dtype=np.intp)]
-            vectors[rows] = computed
-            cached[rows] = computed_cached
-        if len(self.good) == n:
-            keys = b"".join(self.keys)
-        else:
-            key_rows = [bytes(KEY_BYTES)] * n
-            for position, key in zip(self.good, self.keys):
-                key_rows[position] = key
-            keys = b"".join(key_rows)
-        return EmbedOutcome(self.served.embedder.fingerprint, vectors, cached, ok, keys, self.errors, self.offset)
+    def take_computed(self) -> None:
+        """Wait for the queued misses (if any) and put their vectors in their rows."""
+        if self.future is None:
+            return
+        future, rows, self.future, self.future_rows = self.future, self.future_rows, None, []
+        try:
+            computed, computed_cached = future.result(timeout=self.call.remaining())
+        except TimeoutError:
+            future.cancel()  # still queued: the batcher skips it
+            raise
+        self.vectors[rows] = computed
+        self.cached[rows] = computed_cached
 
 
 class StorageState(ServingEvents):
@@ -141,6 +128,7 @@ class FeatureService:
             catalog = Catalog(names=lambda: list(by_name), spec=lambda name: by_name[name])
         self.store = store
         self.limits = limits
+        self.budget = PixelBudget(limits.max_pixels_in_flight)
         self.max_batch, self.max_wait = max_batch, max_wait
         self.load_heads, self.backbone_loader = heads, backbone_loader
         self.stream_window = stream_window
@@ -271,12 +259,20 @@ class FeatureService:
         if count > self.limits.max_images_per_request:
             raise LimitExceededError(what, count, self.limits.max_images_per_request)
 
+    def admit_pixels(self, pixels: int) -> None:
+        """A request's images, by the sizes they declare, before any is decoded."""
+        if pixels > self.limits.max_request_pixels:
+            raise LimitExceededError(PER_REQUEST, pixels, self.limits.max_request_pixels)
+
     # --- embedding -----------------------------------------------------------------------------------
 
     def begin_embed(self, backbone: str, images: Sequence[ImageInput], *, batch: RawPixels | None = None,
                     all_or_nothing: bool = False, call: Call = Call(), offset: int = 0) -> PendingEmbed:
-        """Check and decode the images (`images`, then those of `batch`), answer what the store holds,
-        queue the rest for the backbone.
+        """Check the images (`images`, then those of `batch`) and their declared sizes, then decode them in
+        slices of at most `max_decoded_pixels`, each within the server-wide budget of pixels in flight: answer
+        what the store holds, queue the rest for the backbone, and wait for a slice's vectors before decoding
+        the next one, so the pixels a call holds follow the budget, not the request. The last slice is left
+        queued (`PendingEmbed.result` waits for it).
 
         A bad image is recorded against its index (`offset` + position) and the others go on, unless
         `all_or_nothing`, which raises the first image's error instead. A malformed batch fails the call.
@@ -284,37 +280,82 @@ class FeatureService:
         self.require_ready()
         served = self.models.get(backbone)
         stacked = raw_array(batch, batch=True) if batch is not None else ()
-        self.admit(len(images) + len(stacked))
+        self.admit(len(images) + len(stacked))  # before listing them: a batch of no pixels may hold 2**31 images
+        every = [*images, *stacked]
         served.enter()
-        pending = PendingEmbed(self, served, len(images) + len(stacked), offset, call)
+        pending = PendingEmbed(self, served, len(every), offset, call)
         try:
-            self._look_up(pending, [*images, *stacked], all_or_nothing)
+            sizes = self._declared_sizes(pending, every, all_or_nothing)
+            self.admit_pixels(sum(sizes.values()))
+            for positions in pixel_slices(sizes, self.limits.max_decoded_pixels):
+                pending.take_computed()  # the previous slice's vectors, which also frees its share of the budget
+                self._embed_slice(pending, every, positions, sum(sizes[i] for i in positions), all_or_nothing)
         except BaseException:
+            if pending.future is not None:
+                pending.future.cancel()
             pending.release()
             raise
         return pending
 
-    def _look_up(self, pending: PendingEmbed, images: list[ImageInput], all_or_nothing: bool) -> None:
-        name, offset = pending.served.spec.name, pending.offset
-        pixels = []
+    def _declared_sizes(self, pending: PendingEmbed, images: list[ImageInput], all_or_nothing: bool) -> dict[int, int]:
+        """The pixels each image declares (headers and shapes only, nothing decoded), by position; an image
+        that cannot be read or is over the per-image limit is recorded as failed and left out."""
+        sizes = {}
         for i, image in enumerate(images):
             try:
-                pixels.append(to_pixels(image, self.limits.max_decoded_pixels))
+                sizes[i] = declared_pixels(image, self.limits.max_decoded_pixels)
             except (InvalidInputError, LimitExceededError) as exc:
-                self.events.decode_failed(name, 1)
-                if all_or_nothing:
-                    raise at_index(offset + i, exc) from None
-                pending.errors.append((offset + i, at_index(offset + i, exc)))
-                continue
-            pending.good.append(i)
-        pending.keys = pending.served.embedder.keys(pixels)
-        pending.stored = self._stored(pending.keys)
-        pending.missing = [j for j, key in enumerate(pending.keys) if key not in pending.stored]
-        self.events.looked_up(name, len(pending.keys) - len(pending.missing), len(pending.missing))
-        if pending.missing:
-            if pending.call.expired():
-                raise TimeoutError("deadline passed before the images were computed")
-            pending.future = pending.served.batcher.submit([pixels[j] for j in pending.missing], pending.call)
+                self._failed(pending, i, exc, all_or_nothing)
+        return sizes
+
+    def _failed(self, pending: PendingEmbed, position: int, error: ExtractorError, all_or_nothing: bool) -> None:
+        index = pending.offset + position
+        self.events.decode_failed(pending.served.spec.name, 1)
+        if all_or_nothing:
+            raise at_index(index, error) from None
+        pending.errors.append((index, at_index(index, error)))
+
+    def _embed_slice(self, pending: PendingEmbed, images: list[ImageInput], positions: list[int], pixels: int,
+                     all_or_nothing: bool) -> None:
+        """Decode the images at `positions` (`pixels` in all) within the server-wide budget, answer the stored
+        ones, queue the misses; the budget's share is given back once they are computed (or dropped)."""
+        call = pending.call
+        remaining = call.remaining()
+        # Give up a little before the deadline, so that the caller hears which budget was busy.
+        wait = self.limits.max_pixel_wait_seconds if remaining is None else \
+            min(self.limits.max_pixel_wait_seconds, 0.9 * remaining)
+        reservation = self.budget.reserve(pixels, time.monotonic() + wait, call.is_active)
+        try:
+            decoded, good = [], []
+            for i in positions:
+                try:
+                    decoded.append(to_pixels(images[i], self.limits.max_decoded_pixels))
+                except (InvalidInputError, LimitExceededError) as exc:  # a header that lied about its data
+                    self._failed(pending, i, exc, all_or_nothing)
+                    continue
+                good.append(i)
+            keys = pending.served.embedder.keys(decoded)
+            stored = self._stored(keys)
+            pending.ok[good] = True
+            missing = []
+            for j, (position, key) in enumerate(zip(good, keys)):
+                pending.keys[position] = key
+                vector = stored.get(key)
+                if vector is None:
+                    missing.append(j)
+                else:
+                    pending.vectors[position] = vector
+                    pending.cached[position] = True
+            self.events.looked_up(pending.served.spec.name, len(keys) - len(missing), len(missing))
+            if missing:
+                if call.expired():
+                    raise TimeoutError("deadline passed before the images were computed")
+                pending.future = pending.served.batcher.submit([decoded[j] for j in missing], call)
+                pending.future_rows = [good[j] for j in missing]
+                pending.future.add_done_callback(reservation.release)
+        finally:
+            if pending.future is None:
+                reservation.release()
 
     def embed(self, backbone: str, images: Sequence[ImageInput], *, batch: RawPixels | None = None,
               all_or_nothing: bool = False, call: Call = Call()) -> EmbedOutcome:
