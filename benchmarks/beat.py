@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -63,6 +64,8 @@ CONVERTED = {LITE2: ("efficientnet_lite2", "tflite")}   # entry made by `models 
 DIGIT_VIEWS = ("identity", "shift+2x", "shift-2x", "shift+2y", "shift-2y", "rotate+10", "rotate-10")
 MORE_DIGIT_VIEWS = DIGIT_VIEWS + ("shift+1x", "shift-1x", "shift+1y", "shift-1y", "rotate+5", "rotate-5", "rotate+15",
                                   "rotate-15")
+MANY_DIGIT_VIEWS = MORE_DIGIT_VIEWS + tuple(f"shift{dx:+d}x{dy:+d}y" for dx in (-2, -1, 1, 2) for dy in (-2, -1, 1, 2)
+                                            if abs(dx) == abs(dy))
 TASKS = {
     "cifar10": Task(
         "cifar10:small?per_class=100&seed={seed}", "cifar10:test?per_class=100&seed=0", 0.80, 0.746,
@@ -75,16 +78,17 @@ TASKS = {
          Recipe("EfficientNet-Lite2 + Lite0 + MobileNet, flips", (LITE2, LITE0, MOBILENET), ("identity", "hflip"))),
         "EfficientNet-Lite0"),
     "mnist": Task(
-        "mnist:small?n=100&seed={seed}", "mnist:small-test", 0.97, 0.960, MORE_DIGIT_VIEWS,
+        "mnist:small?n=100&seed={seed}", "mnist:small-test", 0.97, 0.960, MANY_DIGIT_VIEWS,
         (Recipe("pretrained CNN + MobileNet", (MNIST_CNN, MOBILENET), ("identity",)),
          Recipe("pretrained CNN", (MNIST_CNN,), ("identity",)),
          Recipe("pretrained CNN, shifts and rotations", (MNIST_CNN,), DIGIT_VIEWS),
          Recipe("pretrained CNN, more shifts and rotations", (MNIST_CNN,), MORE_DIGIT_VIEWS),
+         Recipe("pretrained CNN, more shifts (diagonal too) and rotations", (MNIST_CNN,), MANY_DIGIT_VIEWS),
          Recipe("pretrained CNN + MobileNet, shifts and rotations", (MNIST_CNN, MOBILENET), DIGIT_VIEWS),
          Recipe("pretrained CNN + EfficientNet-Lite0, shifts and rotations", (MNIST_CNN, LITE0), DIGIT_VIEWS),
          Recipe("pretrained CNN + MobileNet + EfficientNet-Lite0, shifts and rotations", (MNIST_CNN, MOBILENET, LITE0),
                 DIGIT_VIEWS)),
-        "pretrained CNN + MobileNet"),
+        "pretrained CNN"),
 }
 
 
@@ -97,12 +101,14 @@ def view(images, name: str):
         return images
     if name == "hflip":
         return images[:, :, ::-1]
-    if name.startswith("shift"):
-        amount, axis = int(name[5:-1]), {"y": 1, "x": 2}[name[-1]]
-        shifted = np.roll(images, amount, axis=axis)
-        edge = [slice(None)] * 4
-        edge[axis] = slice(0, amount) if amount > 0 else slice(amount, None)
-        shifted[tuple(edge)] = 0
+    if name.startswith("shift"):   # shift+Nx, shift-Ny, or both: shift+Nx-My
+        shifted = images
+        for amount, axis in re.findall(r"([+-]\d+)([xy])", name):
+            amount, axis = int(amount), {"y": 1, "x": 2}[axis]
+            shifted = np.roll(shifted, amount, axis=axis)
+            edge = [slice(None)] * 4
+            edge[axis] = slice(0, amount) if amount > 0 else slice(amount, None)
+            shifted[tuple(edge)] = 0
         return shifted
     if name.startswith("rotate"):
         return ndimage.rotate(images, float(name[6:]), axes=(1, 2), reshape=False, order=1, mode="constant")
