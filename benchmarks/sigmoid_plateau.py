@@ -84,7 +84,10 @@ def train(x, y, seed: int, batch_size: int, rate: float, init: str, epochs: int,
     spread = feature_spread(model, x)
     model.compile(loss=keras.losses.SparseCategoricalCrossentropy(),
                   optimizer=keras.optimizers.Adam(learning_rate=rate), metrics=["accuracy"])
-    history = model.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=0, validation_data=validation)
+    progress = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: log.info(
+        "  epoch %d: loss %.4f, validation accuracy %s", epoch + 1, logs["loss"], logs.get("val_accuracy")))
+    history = model.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=0, validation_data=validation,
+                        callbacks=[progress])
     return {k: [round(float(v), 4) for v in values] for k, values in history.history.items()}, model, spread
 
 
