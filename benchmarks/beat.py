@@ -238,9 +238,10 @@ def main() -> None:
                             "images_per_second": round(vectors.computed[b] / vectors.seconds[b], 2)}
         elif b in earlier:
             embedding[b] = {**earlier[b], "measured": "in an earlier run of this script (reused here)"}
-    if args.embed_only:   # merged with what other processes measured meanwhile
-        now = json.loads(out.read_text()).get("embedding", {}) if out.exists() else {}
-        write_results(f"beat_{args.task}", {"embedding": {**now, **embedding}, "note": "vectors only; nothing scored"})
+    if args.embed_only:   # the file's other figures kept, the rates merged with what others measured meanwhile
+        now = json.loads(out.read_text()) if out.exists() else {"note": "vectors only; nothing scored yet"}
+        now.pop("environment", None)
+        write_results(f"beat_{args.task}", {**now, "embedding": {**now.get("embedding", {}), **embedding}})
         return
 
     def features(X, recipe):
