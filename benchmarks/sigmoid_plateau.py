@@ -106,8 +106,13 @@ def main() -> None:
     parser.add_argument("--final-trials", type=int, default=5, help="trials of the pick on all images (0: none)")
     parser.add_argument("--final-epochs", type=int, default=0, help="epochs of the final trials (0: --epochs)")
     parser.add_argument("--out", default="sigmoid_plateau", help="results name under benchmarks/results/")
+    parser.add_argument("--combine", default=None, help="comma-separated results names: their settings in one "
+                        "results file (--out) and plot, nothing trained")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.combine:
+        combine(args.combine.split(","), args.out)
+        return
 
     import numpy as np
 
@@ -164,6 +169,20 @@ def main() -> None:
     path = write_results(args.out, out)
     plot(out, RESULTS / f"{args.out}.png")
     print(f"wrote {path} and {RESULTS / (args.out + '.png')}")
+
+
+def combine(names: list[str], out: str) -> None:
+    """Several runs' settings (each run one or more settings) in one results file and plot."""
+    import json
+
+    runs = [json.loads((RESULTS / f"{name}.json").read_text()) for name in names]
+    combined = {**{k: v for k, v in runs[0].items() if k not in ("settings", "epochs", "command", "environment")},
+                "settings": [{**s, "epochs": run["epochs"], "from": name, "command": run["command"]}
+                             for name, run in zip(names, runs) for s in run["settings"]],
+                "command": " ".join(["python", "benchmarks/sigmoid_plateau.py", *sys.argv[1:]])}
+    path = write_results(out, combined)
+    plot(combined, RESULTS / f"{out}.png")
+    print(f"wrote {path} and {RESULTS / (out + '.png')}")
 
 
 def plot(results: dict, path: Path) -> None:
