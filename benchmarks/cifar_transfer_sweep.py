@@ -91,13 +91,15 @@ def pick_stage(args, X_fit, y_fit, seeds, validation_of, batch_sizes, rates, eps
                                    [round(float(v), 4) for v in validation.mean(axis=0)],
                                "validation_by_epochs": {str(e): [round(float(v), 4) for v in validation[:, e - 1]]
                                                         for e in epoch_grid}})
-    default_point = next(p for p in points if all(p[k] == DEFAULT[k] for k in ("batch_size", "learning_rate",
-                                                                               "epsilon")))
-    log.info("pick %s: validation %.1f%% (the default %.1f%%)", pick, 100 * best_score,
-             100 * score(default_point, DEFAULT["epochs"]))
+    default_point = next((p for p in points if all(p[k] == DEFAULT[k] for k in ("batch_size", "learning_rate",
+                                                                                "epsilon"))), None)
+    default_score = score(default_point, DEFAULT["epochs"]) if default_point and DEFAULT["epochs"] in epoch_grid \
+        else None
+    log.info("pick %s: validation %.1f%% (the default %s)", pick, 100 * best_score,
+             "not in the grid" if default_score is None else f"{100 * default_score:.1f}%")
 
     return {"points": points, "pick": pick, "pick_validation_mean": round(best_score, 4),
-            "default_validation_mean": round(score(default_point, DEFAULT["epochs"]), 4),
+            "default_validation_mean": None if default_score is None else round(default_score, 4),
             "pick_seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -113,6 +115,7 @@ def main() -> None:
     parser.add_argument("--store", default=None, help="embedding store (default: EXTRACTOR_STORE or the user cache)")
     parser.add_argument("--out", default="cifar_transfer_sweep", help="results name under benchmarks/results/")
     parser.add_argument("--test-only", action="store_true", help="stage 2 only, on the pick of the results file")
+    parser.add_argument("--no-test", action="store_true", help="stage 1 only")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
@@ -148,7 +151,7 @@ def main() -> None:
     pick = stage["pick"]
 
     tested = {}
-    for name, setting in (("default", DEFAULT), ("pick", pick)):
+    for name, setting in () if args.no_test else (("default", DEFAULT), ("pick", pick)):
         if name == "pick" and setting == DEFAULT:
             tested[name] = tested["default"]
             continue
@@ -187,13 +190,17 @@ def main() -> None:
 
 def plot(results: dict, path: Path) -> None:
     """Left: mean validation accuracy against epochs per batch size at the default rate and per rate at the
-    default batch size; right: the default's and the pick's mean test curves against the lecture's range."""
+    default batch size (the pick's where the grid lacks the default's); right: the default's and the pick's
+    mean test curves against the lecture's range."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    default = results["default"]
+    default = dict(results["default"])
+    for key in ("batch_size", "learning_rate"):
+        if not any(p[key] == default[key] for p in results["points"]):
+            default[key] = results["pick"][key]
     figure, (by_batch, by_rate, test) = plt.subplots(1, 3, figsize=(17, 5))
     for point in results["points"]:
         curve = [100 * v for v in point["validation_curve_mean"]]
@@ -215,7 +222,8 @@ def plot(results: dict, path: Path) -> None:
         test.plot(epochs, curve, label=f"{name}: batch {s['batch_size']}, lr {s['learning_rate']:g}, "
                                        f"eps {s['epsilon']:g}; {s['epochs']} epochs: {100 * row['mean']:.1f}%")
     test.axhspan(*results["lecture"], color="green", alpha=0.15, label="lecture's range")
-    test.set(title=f"test (10,000 images), mean of {results['tested']['default']['trials']} trials",
+    trials = next(iter(results["tested"].values()))["trials"] if results["tested"] else 0
+    test.set(title=f"test (10,000 images), mean of {trials} trials",
              xlabel="epochs", ylabel="accuracy (%)")
     test.legend(fontsize=8)
     test.grid(alpha=0.3)
