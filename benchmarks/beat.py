@@ -2,7 +2,7 @@
 
 A recipe is a set of shipped backbones whose embeddings are concatenated, a set of views of each training
 image (the image itself, and augmented copies computed with the backbones: horizontal flips for CIFAR-10,
-2-pixel shifts and 10-degree rotations for digits) and a standardised logistic regression. Every choice is
+shifts of 1-2 pixels and rotations of 5-15 degrees for digits) and a standardised logistic regression. Every choice is
 made on the training images of each trial only: one 5-fold cross-validation (folds over the original
 images; a fold's views train with it, only originals validate) scores every (recipe, C) pair, the pair with
 the best mean accuracy over the trials is chosen, and each trial's regression is refitted at it on all its
@@ -12,8 +12,9 @@ Only the chosen recipe (and a reference: the task's baseline recipe) is scored o
 goes through the project's store, so a rerun embeds nothing; the seconds of embedding are those measured
 when the vectors were computed (images per second of each backbone, over the images this script computed).
 
-    python benchmarks/beat.py --task cifar10 [--trials 3] [--test 'cifar10:test?per_class=100&seed=0']
-    python benchmarks/beat.py --task mnist [--trials 3] [--test mnist:small-test]
+    python benchmarks/beat.py --task cifar10 --trials 2       # the README's figures
+    python benchmarks/beat.py --task mnist --trials 5 --recipes 1,2,3,4
+    [--test SPEC] [--recipes 0,1,...] [--store PATH]; --embed-only [--backbones A,B] fills the store only
 
 Results in benchmarks/results/beat_<task>.json.
 """
@@ -59,8 +60,9 @@ class Task:
 
 
 # The TFLite runtimes of EfficientNet-Lite0 and -Lite2: the same networks as the Keras entries (cosine >= 0.9999
-# to them), 2-4x faster on this machine's CPUs. Lite0's is shipped; Lite2's is made once by
-# `extractor models optimize efficientnet_lite2 --runtime tflite` into the user's repository (see `ensure_entry`).
+# to them); Lite0's shipped file ran 1.6-2.5x the Keras entry in benchmarks/runtimes.py. Lite0's is shipped;
+# Lite2's is made once by `extractor models optimize efficientnet_lite2 --runtime tflite` into the user's
+# repository (see `ensure_entry`).
 LITE0, LITE2, MOBILENET, MNIST_CNN = "efficientnet_lite0_tflite", "efficientnet_lite2_tflite_fp32", "mobilenet_v1", \
     "mnist_cnn"
 CONVERTED = {LITE2: ("efficientnet_lite2", "tflite")}   # entry made by `models optimize` -> (its source, runtime)
