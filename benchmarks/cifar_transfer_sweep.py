@@ -163,7 +163,8 @@ def main() -> None:
                                         lambda t: (data.X_test, data.y_test), every))
         at = setting["epochs"] // every - 1
         accuracies = test_curves[:, at]
-        tested[name] = {"setting": setting, "trials": len(seeds_all), "accuracies": [round(float(a), 4) for a in accuracies],
+        tested[name] = {"setting": setting, "trials": len(seeds_all),
+                        "accuracies": [round(float(a), 4) for a in accuracies],
                         "mean": round(float(accuracies.mean()), 4), "min": round(float(accuracies.min()), 4),
                         "max": round(float(accuracies.max()), 4), "test_every": every,
                         "test_curve_mean": [round(float(v), 4) for v in test_curves.mean(axis=0)],

@@ -197,8 +197,8 @@ def _mean_xent_accuracy(logits, labels):
 
 
 @_jit
-def _train_epochs(x, active, y, permutations, first_epoch, end_epoch, batch_size, seed, optimizer, learning_rate, epsilon,
-                  input_threshold, input_scale, input_index, hidden_threshold, hidden_scale, hidden_index,
+def _train_epochs(x, active, y, permutations, first_epoch, end_epoch, batch_size, seed, optimizer, learning_rate,
+                  epsilon, input_threshold, input_scale, input_index, hidden_threshold, hidden_scale, hidden_index,
                   d, width, params, m, v, history):
     """Train epochs [first_epoch, end_epoch) of one trial in place, Adam moments m, v beside `params`.
 
@@ -364,7 +364,8 @@ class TrialResult:
 
 def train_trials(spec: str, X_trials, y_trials, seeds, epochs: int, batch_size: int,
                  learning_rate: float | None = None, validation_data=None, validation_freq: int = 1,
-                 n_jobs: int | None = None, optimizer: str = "adam", epsilon: float = ADAM_EPSILON) -> list[TrialResult]:
+                 n_jobs: int | None = None, optimizer: str = "adam",
+                 epsilon: float = ADAM_EPSILON) -> list[TrialResult]:
     """Train one head per trial, each exactly as `KerasHead(spec, ..., random_state=seed).fit` would.
 
     X_trials (T, n, d) float features, y_trials (T, n) labels (every trial holding the same classes),
