@@ -12,7 +12,7 @@ Only the chosen recipe (and a reference: the task's baseline recipe) is scored o
 goes through the project's store, so a rerun embeds nothing; the seconds of embedding are those measured
 when the vectors were computed (images per second of each backbone, over the images this script computed).
 
-    python benchmarks/beat.py --task cifar10 --trials 2       # the README's figures
+    python benchmarks/beat.py --task cifar10 --trials 3       # the README's figures
     python benchmarks/beat.py --task mnist --trials 5 --recipes 1,2,3,4
     [--test SPEC] [--recipes 0,1,...] [--store PATH]; --embed-only [--backbones A,B] fills the store only
 
