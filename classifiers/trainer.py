@@ -44,7 +44,8 @@ ADAM_LEARNING_RATE = 0.001  # Keras' default
 # (RMSprop: rho 0.9, epsilon 1e-7, no momentum; SGD: no momentum)
 OPTIMIZERS = {"adam": (0, ADAM_LEARNING_RATE), "rmsprop": (1, 0.001), "sgd": (2, 0.01)}
 _ONE_MINUS_BETA1, _ONE_MINUS_BETA2 = _F(1 - 0.9), _F(1 - 0.999)  # as Keras computes them, then float32
-_BETA1, _BETA2, _EPSILON = _F(0.9), _F(0.999), _F(1e-7)
+_BETA1, _BETA2 = _F(0.9), _F(0.999)
+ADAM_EPSILON = 1e-7  # Keras' default (Keras 1 and early Keras 2 used 1e-8); RMSprop's too
 _RHO, _ONE_MINUS_RHO = _F(0.9), _F(1 - 0.9)
 _GOLDEN, _MUL1, _MUL2 = np.uint64(MIX_GOLDEN), np.uint64(MIX_MUL1), np.uint64(MIX_MUL2)
 _S27, _S30, _S31, _S40 = np.uint64(27), np.uint64(30), np.uint64(31), np.uint64(40)
@@ -86,28 +87,28 @@ def _tanh(a):
 
 
 @_jit
-def _adam(w, m, v, g, alpha):
+def _adam(w, m, v, g, alpha, epsilon):
     """Keras' Adam update of the 1-d arrays w, m, v with gradient g (alpha has the bias corrections)."""
     for k in range(w.size):
         mk = m[k] + (g[k] - m[k]) * _ONE_MINUS_BETA1
         vk = v[k] + (g[k] * g[k] - v[k]) * _ONE_MINUS_BETA2
         m[k] = mk
         v[k] = vk
-        w[k] -= (mk * alpha) / (np.sqrt(vk) + _EPSILON)
+        w[k] -= (mk * alpha) / (np.sqrt(vk) + epsilon)
 
 
 @_jit
-def _update(w, m, v, g, alpha, optimizer):
+def _update(w, m, v, g, alpha, optimizer, epsilon):
     """One optimizer step on the 1-d arrays w (moments m, v) with gradient g, as Keras takes it: Adam
     (alpha holds the bias corrections), RMSprop (`v = rho v + (1 - rho) g^2`, `w -= alpha g / sqrt(v + eps)`)
     or SGD (`w -= alpha g`)."""
     if optimizer == 0:
-        _adam(w, m, v, g, alpha)
+        _adam(w, m, v, g, alpha, epsilon)
     elif optimizer == 1:
         for k in range(w.size):
             vk = _RHO * v[k] + _ONE_MINUS_RHO * (g[k] * g[k])
             v[k] = vk
-            w[k] -= (alpha * g[k]) / np.sqrt(vk + _EPSILON)
+            w[k] -= (alpha * g[k]) / np.sqrt(vk + epsilon)
     else:
         for k in range(w.size):
             w[k] -= g[k] * alpha
@@ -197,7 +198,7 @@ def _mean_xent_accuracy(logits, labels):
 
 @_jit
 def _train_epochs(x, active, y, permutations, first_epoch, end_epoch, batch_size, seed, optimizer, learning_rate,
-                  input_threshold, input_scale, input_index, hidden_threshold, hidden_scale, hidden_index,
+                  epsilon, input_threshold, input_scale, input_index, hidden_threshold, hidden_scale, hidden_index,
                   d, width, params, m, v, history):
     """Train epochs [first_epoch, end_epoch) of one trial in place, Adam moments m, v beside `params`.
 
@@ -300,8 +301,8 @@ def _train_epochs(x, active, y, permutations, first_epoch, end_epoch, batch_size
                     at = (a - a0) * width
                     _sum_of_rows(gradient[at:at + width], column_values[a], delta1, column_rows[a], column_count[a])
                 _update(params[a0 * width:a1 * width], m[a0 * width:a1 * width], v[a0 * width:a1 * width],
-                        gradient[:(a1 - a0) * width], alpha, optimizer)
-            _update(params[w1_size:], m[w1_size:], v[w1_size:], tail_gradient, alpha, optimizer)
+                        gradient[:(a1 - a0) * width], alpha, optimizer, epsilon)
+            _update(params[w1_size:], m[w1_size:], v[w1_size:], tail_gradient, alpha, optimizer, epsilon)
             step += 1
         history[epoch, 0] = loss_sum / n
         history[epoch, 1] = correct / n
@@ -363,13 +364,15 @@ class TrialResult:
 
 def train_trials(spec: str, X_trials, y_trials, seeds, epochs: int, batch_size: int,
                  learning_rate: float | None = None, validation_data=None, validation_freq: int = 1,
-                 n_jobs: int | None = None, optimizer: str = "adam") -> list[TrialResult]:
+                 n_jobs: int | None = None, optimizer: str = "adam",
+                 epsilon: float = ADAM_EPSILON) -> list[TrialResult]:
     """Train one head per trial, each exactly as `KerasHead(spec, ..., random_state=seed).fit` would.
 
     X_trials (T, n, d) float features, y_trials (T, n) labels (every trial holding the same classes),
     seeds (T,) ints; validation_data (X_val (m, d), y_val (m,)) is evaluated after every
     `validation_freq`-th epoch, as Keras' `validation_freq`. n_jobs threads (default: all CPUs).
-    optimizer: adam, rmsprop or sgd, at Keras' defaults (learning_rate None: Keras' default rate).
+    optimizer: adam, rmsprop or sgd, at Keras' defaults (learning_rate None: Keras' default rate); epsilon:
+    Adam's and RMSprop's.
     """
     layout = head_spec(spec)
     if optimizer not in OPTIMIZERS:
@@ -419,7 +422,7 @@ def train_trials(spec: str, X_trials, y_trials, seeds, epochs: int, batch_size: 
             end = min(first + epochs_per_call, epochs)
             _train_epochs(
                 x, active, y, permutations, first, end, batch_size, seed, optimizer_code,
-                _F(default_rate if learning_rate is None else learning_rate),
+                _F(default_rate if learning_rate is None else learning_rate), _F(epsilon),
                 np.uint64(dropout_threshold(layout.input_dropout) if layout.input_dropout else 0),
                 _F(1 / (1 - layout.input_dropout)), input_index,
                 np.uint64(dropout_threshold(layout.hidden_dropout) if layout.hidden_dropout else 0),
@@ -437,7 +440,7 @@ def train_trials(spec: str, X_trials, y_trials, seeds, epochs: int, batch_size: 
             spec, seed, classes, weights,
             {name: [float(v) for v in values if not np.isnan(v)] for name, values in columns.items()},
             {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "n_examples": n,
-             "optimizer": optimizer},
+             "optimizer": optimizer, "epsilon": epsilon},
         )
 
     workers = max(1, min(n_jobs or len(os.sched_getaffinity(0)), n_trials))

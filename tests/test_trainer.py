@@ -89,3 +89,19 @@ def test_validation_does_not_change_training(data):
     for a, b in zip(plain.weights, validated.weights, strict=True):
         np.testing.assert_array_equal(a, b)
     assert plain.history["loss"] == validated.history["loss"] and len(validated.history["val_loss"]) == 2
+
+
+def test_adam_epsilon_is_a_setting(data):
+    """Keras' default epsilon (1e-7) is the default; a larger one damps Adam's steps (Keras 1 used 1e-8)."""
+    from classifiers.heads import head_spec, initial_weights
+
+    X_trials, y_trials, _ = data
+    runs = {eps: train_trials("linear", X_trials[:1], y_trials[:1], SEEDS[:1], epochs=3, batch_size=4, epsilon=eps)[0]
+            for eps in (1e-7, 1e-8, 1.0)}
+    (default,) = train_trials("linear", X_trials[:1], y_trials[:1], SEEDS[:1], epochs=3, batch_size=4)
+    np.testing.assert_array_equal(default.weights[0], runs[1e-7].weights[0])
+    start = initial_weights(head_spec("linear"), X_trials.shape[2], 3, SEEDS[0])[0]
+    moved = {eps: np.abs(run.weights[0] - start).sum() for eps, run in runs.items()}
+    assert moved[1.0] < 0.5 * moved[1e-7]
+    assert moved[1e-8] == pytest.approx(moved[1e-7], rel=1e-2)
+    assert runs[1e-8].params["epsilon"] == 1e-8
