@@ -7,13 +7,15 @@ another recipe or seed makes other pixels and so other keys. A data spec asks fo
 `augment=RECIPE&views=K&augment_seed=S` (see `extractor.datasets`), and the feature set named after
 that spec carries the recipe and the seed.
 
-View v of an image draws its flip, shift and angle from `numpy.random.default_rng([seed, v, h])`,
-h the first 8 bytes of the original's pixel digest (little-endian): an image gets the same views in
-whatever sample or order it comes, so trials that share images share their views' vectors.
+View v of an image draws its flip, shift and angle from `numpy.random.default_rng([seed, v, h, r])`,
+h and r the first 8 bytes (little-endian) of the original's pixel digest and of the sha256 of the
+recipe's text: an image gets the same views in whatever sample or order it comes (trials that share
+images and seed share their views' vectors), and two recipes draw apart, never one's shifts for the other's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -71,7 +73,9 @@ class AugmentRecipe:
         from scipy import ndimage
 
         image = canonical_pixels(image)
-        rng = np.random.default_rng([int(seed), int(index), int.from_bytes(pixel_digest(image)[:8], "little")])
+        recipe = hashlib.sha256(self.text().encode()).digest()
+        rng = np.random.default_rng([int(seed), int(index), int.from_bytes(pixel_digest(image)[:8], "little"),
+                                     int.from_bytes(recipe[:8], "little")])
         flip = self.flip and bool(rng.integers(2))
         dy, dx = rng.integers(-self.shift, self.shift + 1, 2) if self.shift else (0, 0)
         angle = math.radians(rng.uniform(-self.rotate, self.rotate)) if self.rotate else 0.0

@@ -207,9 +207,8 @@ def open_dataset(spec: str, data_dir: str | os.PathLike | None = None) -> Datase
     """Open the dataset a data spec names (see the module docstring); nothing is decoded yet."""
     kind, target, options = parse_data_spec(spec)
     augment = {name: options.pop(name) for name in AUGMENT_OPTIONS if name in options}
-    dataset = _open_sampled(kind, target, options, data_dir)
     if not augment:
-        return dataset
+        return _open_sampled(kind, target, options, data_dir)
     if "augment" not in augment:
         raise InvalidInputError("options views and augment_seed need augment=RECIPE (e.g. augment=flip,shift4)")
     if kind in SPLITS and target.endswith("test"):
@@ -217,7 +216,7 @@ def open_dataset(spec: str, data_dir: str | os.PathLike | None = None) -> Datase
     recipe = AugmentRecipe.parse(augment["augment"])
     views = _int_option({"views": 1, **augment}, "views", 1)
     seed = _int_option({"augment_seed": 0, **augment}, "augment_seed", 0)
-    return augmented_views(dataset, recipe, views, seed)
+    return augmented_views(_open_sampled(kind, target, options, data_dir), recipe, views, seed)
 
 
 def _open_sampled(kind: str, target: str, options: dict, data_dir) -> Dataset:
