@@ -39,6 +39,7 @@ from extractor import paths
 from extractor.augment import AugmentRecipe
 from extractor.errors import ExtractorError, InvalidInputError, UnknownNameError
 from extractor.images import canonical_pixels, pixel_digest, read_image_file
+from extractor.labels import class_indices
 from extractor.paths import file_identity
 
 log = logging.getLogger(__name__)
@@ -384,13 +385,9 @@ def encode_labels(labels, n: int, class_names=None) -> tuple[np.ndarray, list[st
         return labels.astype(np.int64), [str(name) for name in names]
     if labels.dtype.kind not in "UO":
         raise InvalidInputError(f"labels must be integers or class names, got {labels.dtype}")
-    text = labels.astype(str)
-    names = [str(name) for name in class_names] if class_names is not None else sorted(set(text.tolist()))
-    index = {name: i for i, name in enumerate(names)}
-    unknown = sorted(set(text.tolist()) - set(index))
-    if unknown:
-        raise InvalidInputError(f"labels {unknown[:5]} are not among the class names {names[:10]}")
-    return np.array([index[name] for name in text.tolist()], np.int64), names
+    names, indices = class_indices(labels.astype(str), None if class_names is None else
+                                   [str(name) for name in class_names])
+    return indices, [str(name) for name in names]
 
 
 def array_dataset(images, labels=None, class_names=None) -> Dataset:
