@@ -111,12 +111,14 @@ AUGMENT_VIEWS = 4   # views per training image of the augment rows (the short de
 
 def sweep_row(head: str, features: Features, backbone: str, epochs: int, batch_size: int,
               quick_test: str) -> Method:
+    """The sweep row of the `head` on `features` (`backbone` names them in the row's name)."""
     return Method(f"explored: sweep optimiser x learning rate, {backbone} + {head} (picked on validation)", "sweep",
                   head, features, epochs, batch_size, explored=True, quick_test=quick_test)
 
 
 def augment_row(head: str, features: Features, backbone: str, epochs: int, batch_size: int, quick_test: str,
                 recipe: str) -> Method:
+    """The augment row of the `head` on `features`, its views made by `recipe` (`extractor.augment`)."""
     return Method(f"explored: augment with seeded views ({recipe}), {backbone} + {head}, with vs without", "augment",
                   head, features, epochs, batch_size, explored=True, quick_test=quick_test, augment=recipe,
                   views=AUGMENT_VIEWS)
