@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from classifiers.heads import head_spec
+from classifiers.heads import head_layers
 from extractor.errors import InvalidInputError
 
 WARMUP_STEPS = 5  # the first steps trace and allocate: left out of the steady-state step time
@@ -36,19 +36,6 @@ def cifar_cnn(activation: str, num_classes: int = 10, input_shape=(32, 32, 3)):
     ])
 
 
-def lecture_head_layers(spec_name: str, num_classes: int) -> list:
-    """The head as the lecture writes it, with Keras' own Dropout: [Dropout] [Dense 512 tanh [Dropout]] Dense."""
-    from keras import layers
-
-    spec = head_spec(spec_name)
-    head = [layers.Dropout(spec.input_dropout)] if spec.input_dropout else []
-    if spec.hidden_units:
-        head.append(layers.Dense(spec.hidden_units, activation="tanh"))
-        if spec.hidden_dropout:
-            head.append(layers.Dropout(spec.hidden_dropout))
-    return head + [layers.Dense(num_classes, activation="softmax")]
-
-
 def freeze_and_retrain_model(spec, head: str, num_classes: int):
     """`keras.Sequential([Input, frozen backbone, head])` for a Keras repository entry: the backbone is
     the very model the embeddings come from (same file, cut, pooling), not trainable.
@@ -66,7 +53,7 @@ def freeze_and_retrain_model(spec, head: str, num_classes: int):
         raise InvalidInputError(f"the classic baseline trains Keras models end to end; {spec.name} runs on "
                                 f"{spec.runtime}")
     frozen = cut_model(spec, str(paths.verified_file(spec.path, spec.sha256)))
-    return keras.Sequential([keras.Input(shape=spec.input_shape), frozen] + lecture_head_layers(head, num_classes))
+    return keras.Sequential([keras.Input(shape=spec.input_shape), frozen] + head_layers(head, num_classes))
 
 
 @dataclass

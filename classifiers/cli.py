@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--classic-epochs", type=int, help="epochs timed of the classic rows (default 1; --full: all)")
     run.add_argument("--no-beyond", action="store_true", help="only the rows that reproduce the lecture")
     run.add_argument("--no-explored", action="store_true",
-                     help="leave out the explored rows (fine-tuned block 5, optimiser x learning-rate sweep)")
+                     help="leave out the explored rows (fine-tuned block 5, optimiser x learning-rate sweep, "
+                          "augmentation)")
     run.add_argument("--data-dir", help="shared datasets and weights (env EXTRACTOR_DATA_DIR)")
     run.set_defaults(run=cmd_run)
 

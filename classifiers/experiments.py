@@ -59,9 +59,11 @@ class Method:
     `make_head`), "scratch" (a CNN trained from scratch on the pixels), "classic" (the frozen backbone
     and the head in one Keras model, fit on the pixels: the baseline the cache is measured against);
     explored rows (the lecture's "options we did not explore"): "fine-tune" (the head, then the layers
-    between `features`' cut and `fine_tunes`' cut with it, on cached activations; `classifiers.fine_tuning`)
-    and "sweep" (the head over the `SWEEP_GRID` of optimisers and learning rates, picked on a validation
-    split of each trial's training images; `classifiers.sweeps`).
+    between `features`' cut and `fine_tunes`' cut with it, on cached activations; `classifiers.fine_tuning`),
+    "sweep" (the head over the `SWEEP_GRID` of optimisers and learning rates, picked on a validation
+    split of each trial's training images; `classifiers.sweeps`) and "augment" (the head trained on each
+    training image and `views` augmented views of it by the recipe `augment`, seeded by the trial's seed,
+    each view's vector cached like any image's; beside it the head without them, on the same trials).
     """
 
     name: str
@@ -77,6 +79,8 @@ class Method:
     explored: bool = False
     fine_tunes: Features | None = None   # fine-tune rows: the entry whose cut the trained block ends at
     block_epochs: int = 0                # fine-tune rows: epochs of the second stage
+    augment: str | None = None           # augment rows: the recipe (`extractor.augment`), e.g. "shift2,rotate10"
+    views: int = 0                       # augment rows: augmented views per training image
 
 
 @dataclass(frozen=True)
@@ -100,16 +104,34 @@ MNIST_QUICK_TEST = "mnist:small-test?per_class=200&seed=0"
 CIFAR_QUICK_TEST = "cifar10:test?per_class=100&seed=0"
 SWEEP_GRID = ("adam,rmsprop,sgd", "1e-4,1e-3,1e-2")   # optimisers x learning rates of the sweep rows
 FINE_TUNE_BLOCK_EPOCHS = 10   # stage 2 of the fine-tune rows, at fine_tuning.BLOCK_LEARNING_RATE (1e-5)
+DIGIT_VIEWS = "shift2,rotate10"          # digits: never mirrored (a mirrored 3 is no digit)
+PHOTO_VIEWS = "flip,shift4,rotate10"     # photos: mirrored, CIFAR-10's 4-pixel pad-and-crop, a small rotation
+AUGMENT_VIEWS = 4   # views per training image of the augment rows (the short default: RunSettings.augment_views)
 
 
-def explored_rows(head: str, epochs: int, batch_size: int, quick_test: str) -> tuple[Method, ...]:
+def sweep_row(head: str, features: Features, backbone: str, epochs: int, batch_size: int,
+              quick_test: str) -> Method:
+    """The sweep row of the `head` on `features` (`backbone` names them in the row's name)."""
+    return Method(f"explored: sweep optimiser x learning rate, {backbone} + {head} (picked on validation)", "sweep",
+                  head, features, epochs, batch_size, explored=True, quick_test=quick_test)
+
+
+def augment_row(head: str, features: Features, backbone: str, epochs: int, batch_size: int, quick_test: str,
+                recipe: str) -> Method:
+    """The augment row of the `head` on `features`, its views made by `recipe` (`extractor.augment`)."""
+    return Method(f"explored: augment with seeded views ({recipe}), {backbone} + {head}, with vs without", "augment",
+                  head, features, epochs, batch_size, explored=True, quick_test=quick_test, augment=recipe,
+                  views=AUGMENT_VIEWS)
+
+
+def explored_rows(head: str, epochs: int, batch_size: int, quick_test: str, recipe: str) -> tuple[Method, ...]:
     """The explored rows of an experiment whose transfer row trains `head` on the lecture's VGG16 features."""
     return (
         Method(f"explored: fine-tune VGG16 block 5 + {head} (head {epochs} epochs, then block 5 + head "
                f"{FINE_TUNE_BLOCK_EPOCHS} epochs at lr 1e-5)", "fine-tune", head, VGG_BLOCK4, epochs, batch_size,
                explored=True, quick_test=quick_test, fine_tunes=VGG_LECTURE, block_epochs=FINE_TUNE_BLOCK_EPOCHS),
-        Method(f"explored: sweep optimiser x learning rate, VGG16 + {head} (picked on validation)", "sweep", head,
-               VGG_LECTURE, epochs, batch_size, explored=True, quick_test=quick_test),
+        sweep_row(head, VGG_LECTURE, "VGG16", epochs, batch_size, quick_test),
+        augment_row(head, VGG_LECTURE, "VGG16", epochs, batch_size, quick_test, recipe),
     )
 
 
@@ -126,6 +148,8 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
                    MNIST_CNN, beyond=True, quick_test=MNIST_QUICK_TEST),
             Method("beyond: logistic regression (C swept) on pretrained CNN + MobileNet features", "sklearn",
                    "logreg", (MNIST_CNN, MOBILENET), beyond=True, quick_test=MNIST_QUICK_TEST),
+            sweep_row("mnist-cnn", MNIST_CNN, "pretrained CNN", 100, 4, MNIST_QUICK_TEST),
+            augment_row("mnist-cnn", MNIST_CNN, "pretrained CNN", 100, 4, MNIST_QUICK_TEST, DIGIT_VIEWS),
         ),
         ("tl_mnist's pretrained CNN: 15 epochs, batch 128, Adam on the 29,492 images of digits 0,2,4,6,8.",),
         pretrains_source_cnn=True,
@@ -146,7 +170,7 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
                    VGG_CAFFE, beyond=True, quick_test=MNIST_QUICK_TEST),
             Method("beyond: logistic regression (C swept) on SqueezeNet + MobileNet features", "sklearn", "logreg",
                    (SQUEEZENET, MOBILENET), beyond=True, quick_test=MNIST_QUICK_TEST),
-            *explored_rows("linear", 100, 4, MNIST_QUICK_TEST),
+            *explored_rows("linear", 100, 4, MNIST_QUICK_TEST, DIGIT_VIEWS),
         ),
         ("The lecture's preprocessing: digits padded 28 to 32, repeated to 3 channels, divided by 255, "
          "no ImageNet mean subtraction.",),
@@ -166,7 +190,7 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
                    VGG_CAFFE, beyond=True, quick_test=CIFAR_QUICK_TEST),
             Method("beyond: logistic regression (C swept) on MobileNet + SqueezeNet features", "sklearn", "logreg",
                    (MOBILENET, SQUEEZENET), beyond=True, quick_test=CIFAR_QUICK_TEST),
-            *explored_rows("dropout-mlp512-tanh-dropout", 50, 32, CIFAR_QUICK_TEST),
+            *explored_rows("dropout-mlp512-tanh-dropout", 50, 32, CIFAR_QUICK_TEST, PHOTO_VIEWS),
         ),
         ("The lecture does not give CIFAR-10's epochs and batch size: here 50 epochs, batch 32, for every row.",
          "Our CIFAR-10 is a JPEG re-encoding (quality about 75, 4:2:0 chroma) of the original arrays. Transfer "
@@ -196,13 +220,16 @@ class RunSettings:
     sweep_trials: int = 2               # explored rows in the short default (full: trials), on their quick_test
     fine_tune_trials: int = 1
     fine_tune_block_epochs: int = 2     # fine-tune rows' second stage in the short default (full: the row's)
+    augment_trials: int = 3             # augment rows in the short default (full: trials)
+    augment_views: int = 2              # augment rows' views per image in the short default (full: the row's)
 
     def scope(self, experiment: "Experiment", method: "Method") -> tuple[int, str]:
         """How many trials a cached row trains, and on which test set."""
         if method.beyond and not self.full:
             return min(self.beyond_trials, self.trials), method.quick_test or experiment.test
         if method.explored and not self.full:
-            trials = self.fine_tune_trials if method.kind == "fine-tune" else self.sweep_trials
+            trials = {"fine-tune": self.fine_tune_trials, "augment": self.augment_trials}.get(method.kind,
+                                                                                             self.sweep_trials)
             return min(trials, self.trials), method.quick_test or experiment.test
         return self.trials, experiment.test
 
@@ -213,6 +240,9 @@ class RunSettings:
         if method.kind == "scratch":
             return self.scratch_trials or 1
         return self.classic_trials or 1
+
+    def views_for(self, method: Method) -> int:
+        return method.views if self.full else min(self.augment_views, method.views)
 
     def epochs_for(self, method: Method) -> int:
         if method.kind == "classic" and not self.full:
@@ -244,14 +274,17 @@ class ExperimentRunner:
     trial_cache: TrialCache = field(default_factory=TrialCache)
     _features: dict = field(default_factory=dict)
 
-    def trial_data(self, experiment: Experiment, method: Method) -> TrialData:
-        """Every trial's vectors (and the test set's) for a row; several backbones' concatenated feature-wise."""
+    def trial_data(self, experiment: Experiment, method: Method, train: str | None = None) -> TrialData:
+        """Every trial's vectors (and the test set's) for a row; several backbones' concatenated feature-wise.
+
+        `train`: the training sets' spec template, when not the experiment's (augmented views of it)."""
         trials, test = self.settings.scope(experiment, method)
+        train = train or experiment.train
         loaded = []
         for part in parts(method.features):
-            key = (experiment.name, experiment.train, test, trials, part)
+            key = (experiment.name, train, test, trials, part)
             if key not in self._features:
-                self._features[key] = self._embed_trials(experiment.train, test, trials, part)
+                self._features[key] = self._embed_trials(train, test, trials, part)
             loaded.append(self._features[key])
         if len(loaded) == 1:
             return loaded[0]
@@ -292,7 +325,7 @@ class ExperimentRunner:
             bar.set_postfix_str(method.name, refresh=True)
             runner = {"head": self._run_head, "sklearn": self._run_sklearn, "scratch": self._run_scratch,
                       "classic": self._run_classic, "fine-tune": self._run_fine_tune,
-                      "sweep": self._run_sweep}[method.kind]
+                      "sweep": self._run_sweep, "augment": self._run_augment}[method.kind]
             rows.append(runner(experiment, method))
         for (name, _, test, trials, part), data in self._features.items():
             if name == experiment.name:
@@ -380,6 +413,41 @@ class ExperimentRunner:
         settings = self._settings(method, trials_seeds=seeds, optimizer=sweep.chosen.optimizer,
                                   learning_rate=sweep.chosen.learning_rate, sweep=sweep.as_dict())
         return MethodResult(method.name, accuracies, time.perf_counter() - start, settings, method.lecture, note=note)
+
+    def _run_augment(self, experiment: Experiment, method: Method) -> MethodResult:
+        """The head on each trial's images and their views, and without the views, on the same trials (seeds,
+        images, test set); the views are seeded by the trial's seed and never made of test images."""
+        from classifiers.trainer import train_trials
+        from extractor.datasets import augmented_spec
+
+        views = self.settings.views_for(method)
+        data = self.trial_data(experiment, method)
+        viewed = self.trial_data(experiment, method, augmented_spec(experiment.train, method.augment, views, "{seed}"))
+        seeds = list(range(len(data.X_trials)))
+        start = time.perf_counter()
+        results = train_trials(method.model, np.concatenate([data.X_trials, viewed.X_trials], axis=1),
+                               np.concatenate([data.y_trials, viewed.y_trials], axis=1), seeds, method.epochs,
+                               method.batch_size)
+        seconds = time.perf_counter() - start
+        accuracies = [float(np.mean(r.predict(data.X_test) == data.y_test)) for r in results]
+        start = time.perf_counter()
+        plain = train_trials(method.model, data.X_trials, data.y_trials, seeds, method.epochs, method.batch_size)
+        without = [float(np.mean(r.predict(data.X_test) == data.y_test)) for r in plain]
+        without_seconds = time.perf_counter() - start
+        gains = 100 * (np.asarray(accuracies) - without)
+        note = _notes(f"without augmentation on the same trials: {100 * np.mean(without):.1f}% "
+                      f"({100 * min(without):.1f}-{100 * max(without):.1f}%), {without_seconds:.1f} s; "
+                      f"gain {np.mean(gains):+.1f} points ({gains.min():+.1f} to {gains.max():+.1f}); {views} view(s) "
+                      f"per training image, seeded by the trial's seed",
+                      self._short_note(experiment, method, data),
+                      views < method.views and f"{views} of {method.views} views per image (FULL=1: all)")
+        settings = self._settings(method, trials_seeds=seeds, augment=method.augment, views=views,
+                                  augment_seeds=seeds, without_augmentation=without,
+                                  without_augmentation_seconds=round(without_seconds, 2),
+                                  training_images=int(data.X_trials.shape[1] * (1 + views)),
+                                  views_embed_seconds=round(viewed.embed_seconds, 2), views_computed=viewed.computed)
+        return MethodResult(method.name, accuracies, seconds, settings, method.lecture,
+                            [r.history for r in results], note=note)
 
     def _pixels(self, data_spec: str, features: Features | None) -> tuple[np.ndarray, np.ndarray]:
         """The model's input for a split: the backbone's recipe, or pixels / 255 for from-scratch CNNs."""

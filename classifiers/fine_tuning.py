@@ -25,6 +25,7 @@ import numpy as np
 
 from classifiers.heads import build_head_layers, epoch_permutations
 from extractor.errors import InvalidInputError
+from extractor.labels import class_indices
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +260,7 @@ def fine_tune_trials(block, activations, y_trials, seeds, setup: FineTuning, n_j
     trials = []
     for x, y, seed, head in zip(x_trials, y_trials, seeds, stage1):
         start = time.perf_counter()
-        labels = np.searchsorted(head.classes, y).astype(np.int32)
+        labels = class_indices(y, head.classes)[1].astype(np.int32)
         layers = head_training_layers(setup.head, head.weights, int(seed), setup.head_epochs * -(-n // setup.batch_size))
         model, history = train_block(block, layers, x, labels, int(seed), setup,
                                      None if epoch_seconds is None else epoch_seconds.setdefault("block", []))
@@ -283,7 +284,7 @@ def classic_fine_tuning(activations_spec, full_spec, pixels: np.ndarray, y: np.n
 
     check_pairing(activations_spec, full_spec)
     backbone = cut_model(full_spec, _model_file(full_spec))
-    classes, labels = np.unique(y, return_inverse=True)
+    classes, labels = class_indices(y)
     model = keras.Sequential([keras.Input(full_spec.input_shape), backbone]
                              + build_head_layers(setup.head, backbone.output_shape[-1], len(classes), seed))
     head_orders, block_orders = _orders(seed, len(pixels), setup)

@@ -32,6 +32,8 @@ from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
+from extractor.labels import class_indices
+
 log = logging.getLogger(__name__)
 
 HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
@@ -95,31 +97,47 @@ def epoch_permutations(seed: int, n: int, epochs: int) -> np.ndarray:
     return np.stack([rng.permutation(n) for _ in range(epochs)]) if epochs else np.zeros((0, n), np.int64)
 
 
-def build_head_layers(spec_name: str, n_features: int, n_classes: int, seed: int) -> list:
-    """The head's Keras layers, built, holding `initial_weights`; the same for cached features and end to end."""
+def head_layers(spec_name: str, n_classes: int, dropout=None) -> list:
+    """The head's Keras layers, unbuilt: [Dropout] [Dense(hidden, tanh) [Dropout]] Dense(n_classes, softmax), as the
+    spec says. `dropout(rate, index)` makes each dropout layer, `index` its number in the module docstring's
+    scheme; by default Keras' own `Dropout`, the lecture's (and, like every dropout, the identity at inference).
+    The one description of a head's layers: the classic end-to-end model, the trained head and the saved one."""
     import keras
 
+    spec = head_spec(spec_name)
+    make_dropout = dropout or (lambda rate, index: keras.layers.Dropout(rate))
+    input_index, hidden_index = spec.dropout_indices()
+    layers = [make_dropout(spec.input_dropout, input_index)] if spec.input_dropout else []
+    if spec.hidden_units:
+        layers.append(keras.layers.Dense(spec.hidden_units, activation="tanh"))
+        if spec.hidden_dropout:
+            layers.append(make_dropout(spec.hidden_dropout, hidden_index))
+    return layers + [keras.layers.Dense(n_classes, activation="softmax")]
+
+
+def _set_dense_weights(layers: list, n_features: int, weights: list[np.ndarray]) -> None:
+    """Build the Dense layers of `layers` for inputs of width `n_features` and give them `weights`
+    ([kernel (fan_in, fan_out), bias (fan_out,)] per Dense layer, in order)."""
+    import keras
+
+    dense = [layer for layer in layers if isinstance(layer, keras.layers.Dense)]
+    if len(weights) != 2 * len(dense):
+        raise ValueError(f"a head of {len(dense)} Dense layers needs {2 * len(dense)} weight arrays; "
+                         f"got {len(weights)}")
+    width = n_features
+    for i, layer in enumerate(dense):
+        layer.build((None, width))
+        layer.set_weights(weights[2 * i:2 * i + 2])
+        width = layer.units
+
+
+def build_head_layers(spec_name: str, n_features: int, n_classes: int, seed: int) -> list:
+    """The head's layers for training, built, holding `initial_weights`, their dropout seeded (`StepDropout`);
+    the same for cached features and end to end."""
     from classifiers.keras_training import StepDropout
 
-    spec = head_spec(spec_name)
-    weights = iter(initial_weights(spec, n_features, n_classes, seed))
-    input_dropout, hidden_dropout = spec.dropout_indices()
-    layers, width = [], n_features
-
-    def dense(units: int, activation: str):
-        layer = keras.layers.Dense(units, activation=activation)
-        layer.build((None, width))
-        layer.set_weights([next(weights), next(weights)])
-        return layer
-
-    if spec.input_dropout:
-        layers.append(StepDropout(spec.input_dropout, seed, input_dropout))
-    if spec.hidden_units:
-        layers.append(dense(spec.hidden_units, "tanh"))
-        width = spec.hidden_units
-        if spec.hidden_dropout:
-            layers.append(StepDropout(spec.hidden_dropout, seed, hidden_dropout))
-    layers.append(dense(n_classes, "softmax"))
+    layers = head_layers(spec_name, n_classes, lambda rate, index: StepDropout(rate, seed, index))
+    _set_dense_weights(layers, n_features, initial_weights(head_spec(spec_name), n_features, n_classes, seed))
     return layers
 
 
@@ -129,20 +147,9 @@ def inference_model(spec_name: str, weights: list[np.ndarray]):
     `StepDropout` is. `weights`: [kernel (fan_in, fan_out), bias (fan_out,)] per Dense layer, in order."""
     import keras
 
-    spec = head_spec(spec_name)
-    layers = [keras.layers.Dropout(spec.input_dropout)] if spec.input_dropout else []
-    if spec.hidden_units:
-        layers.append(keras.layers.Dense(spec.hidden_units, activation="tanh"))
-        if spec.hidden_dropout:
-            layers.append(keras.layers.Dropout(spec.hidden_dropout))
-    layers.append(keras.layers.Dense(weights[-1].shape[0], activation="softmax"))
-    model = keras.Sequential([keras.Input((weights[0].shape[0],)), *layers])
-    dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
-    if len(weights) != 2 * len(dense):
-        raise ValueError(f"head {spec_name!r} has {len(dense)} Dense layers; got {len(weights)} weight arrays")
-    for i, layer in enumerate(dense):
-        layer.set_weights(weights[2 * i:2 * i + 2])
-    return model
+    layers = head_layers(spec_name, weights[-1].shape[0])
+    _set_dense_weights(layers, weights[0].shape[0], weights)
+    return keras.Sequential([keras.Input((weights[0].shape[0],)), *layers])
 
 
 def fit_in_order(model, x, y: np.ndarray, *, seed: int, epochs: int, batch_size: int, validation_data=None,
@@ -195,7 +202,7 @@ class KerasHead(ClassifierMixin, BaseEstimator):
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
         X, y = validate_data(self, X, y, dtype=np.float32)
         check_classification_targets(y)
-        self.classes_, y_index = np.unique(y, return_inverse=True)
+        self.classes_, y_index = class_indices(y)
         if validation_data is not None:
             validation_data = self._encode_validation(validation_data)
         seed = resolve_seed(self.random_state)
@@ -220,10 +227,7 @@ class KerasHead(ClassifierMixin, BaseEstimator):
         """(X_val float32 (m, d), y_val as class indices (m,)); unknown labels are an error."""
         X_val, y_val = validation_data
         X_val = validate_data(self, X_val, reset=False, dtype=np.float32)
-        y_val = column_or_1d(y_val)
-        index = np.searchsorted(self.classes_, y_val).clip(0, len(self.classes_) - 1)
-        if not np.array_equal(self.classes_[index], y_val):
-            raise ValueError(f"validation labels not seen in training: {sorted(set(y_val) - set(self.classes_))}")
+        _, index = class_indices(column_or_1d(y_val), self.classes_)
         return X_val, index.astype(np.int32)
 
     def predict_proba(self, X) -> np.ndarray:

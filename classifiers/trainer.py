@@ -35,6 +35,7 @@ from threadpoolctl import threadpool_limits
 
 from classifiers.dropout import MIX_GOLDEN, MIX_MUL1, MIX_MUL2, dropout_threshold
 from classifiers.heads import KerasHead, epoch_permutations, head_spec, initial_weights
+from extractor.labels import class_indices
 
 log = logging.getLogger(__name__)
 
@@ -318,15 +319,6 @@ def _logits(X: np.ndarray, weights: list[np.ndarray]) -> np.ndarray:
     return z @ rest[0] + rest[1]
 
 
-def _class_indices(classes: np.ndarray, labels) -> np.ndarray:
-    """(m,) int64 position of each label in the sorted `classes`; unknown labels are an error."""
-    labels = np.asarray(labels).ravel()
-    index = np.searchsorted(classes, labels).clip(0, len(classes) - 1)
-    if not np.array_equal(classes[index], labels):
-        raise ValueError(f"labels not among the training classes {classes}: {sorted(set(labels) - set(classes))}")
-    return index.astype(np.int64)
-
-
 
 @dataclass
 class TrialResult:
@@ -384,14 +376,14 @@ def train_trials(spec: str, X_trials, y_trials, seeds, epochs: int, batch_size: 
     if X_trials.ndim != 3 or y_trials.shape != X_trials.shape[:2] or len(seeds) != len(X_trials):
         raise ValueError(f"expected X_trials (T, n, d), y_trials (T, n) and T seeds; got {X_trials.shape}, "
                          f"{y_trials.shape} and {len(seeds)} seeds")
-    classes = np.unique(y_trials)
+    classes, _ = class_indices(y_trials)
     for t, labels in enumerate(y_trials):
         if not np.array_equal(np.unique(labels), classes):
             raise ValueError(f"trial {t} holds classes {np.unique(labels)}, not all of {classes}")
     n_trials, n, d = X_trials.shape
     if validation_data is not None:
         X_val = np.ascontiguousarray(validation_data[0], np.float32)
-        y_val = _class_indices(classes, validation_data[1])
+        _, y_val = class_indices(validation_data[1], classes)
     # without validation, all epochs in one call; with it, the epochs up to each evaluation
     epochs_per_call = validation_freq if validation_data is not None else max(epochs, 1)
     input_index, hidden_index = layout.dropout_indices()
@@ -414,7 +406,7 @@ def train_trials(spec: str, X_trials, y_trials, seeds, epochs: int, batch_size: 
                 rest[0][:] = tail[width:width + rest[0].size].reshape(-1, width).T
                 rest[1][:] = tail[width + rest[0].size:]
 
-        x, y = np.ascontiguousarray(X[:, active]), _class_indices(classes, y_trials[t])
+        x, y = np.ascontiguousarray(X[:, active]), class_indices(y_trials[t], classes)[1]
         permutations = epoch_permutations(seed, n, epochs)
         history = np.zeros((epochs, 2))  # loss, accuracy
         scores = np.full((epochs, 2), np.nan)  # val_loss, val_accuracy

@@ -478,6 +478,8 @@ def remote_backbone(args):
 
 
 def cmd_classify(args) -> int:
+    from extractor.labels import class_indices
+
     with feature_client(args) as client:
         result = client.classify(args.head, args.files)
     failures = {failure.index: failure for failure in result.errors}
@@ -486,7 +488,7 @@ def cmd_classify(args) -> int:
         if i in failures:
             rows.append({"file": path, "error": f"{failures[i].code.name}: {failures[i].message}"})
         else:
-            best = result.class_names.index(result.labels[i])
+            best = class_indices([result.labels[i]], result.class_names)[1][0]
             rows.append({"file": path, "label": result.labels[i],
                          "probability": round(float(result.probabilities[i, best]), 6),
                          "probabilities": dict(zip(result.class_names, map(float, result.probabilities[i])))})

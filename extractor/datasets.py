@@ -9,7 +9,10 @@ Data specs (options after `?`, joined by `&`):
   folder:PATH       one subfolder per class holding image files (class index = sorted folder order)
   npz:PATH          arrays `x` (N, H, W[, C]) uint8 (or uint16, scaled to 8 bits) and `y` (N,), optionally
                     `class_names`
-Any spec also takes `per_class=N` (and `seed`, default 0): a seeded sample of N images of each class.
+Any spec also takes `per_class=N` (and `seed`, default 0): a seeded sample of N images of each class,
+and `augment=RECIPE` (with `views=K`, default 1, and `augment_seed=S`, default 0): K augmented views of
+every image instead of the image (`extractor.augment`; the test splits refuse it: test images are never
+augmented).
 `mnist` and `cifar10` read the shared files by default; `source=keras` downloads them through Keras.
 """
 
@@ -33,8 +36,10 @@ from urllib.parse import parse_qsl, urlencode
 import numpy as np
 
 from extractor import paths
+from extractor.augment import AugmentRecipe
 from extractor.errors import ExtractorError, InvalidInputError, UnknownNameError
 from extractor.images import canonical_pixels, pixel_digest, read_image_file
+from extractor.labels import class_indices
 from extractor.paths import file_identity
 
 log = logging.getLogger(__name__)
@@ -55,6 +60,7 @@ SPLITS = {
 }
 SOURCES = ("shared", "keras")
 SAMPLE_OPTIONS = ("per_class", "seed")  # any spec: a seeded sample of per_class images of each class
+AUGMENT_OPTIONS = ("augment", "views", "augment_seed")  # any spec but a test split: augmented views
 
 
 @dataclass
@@ -201,12 +207,28 @@ def parse_data_spec(text: str) -> tuple[str, str, dict[str, str]]:
 def open_dataset(spec: str, data_dir: str | os.PathLike | None = None) -> Dataset:
     """Open the dataset a data spec names (see the module docstring); nothing is decoded yet."""
     kind, target, options = parse_data_spec(spec)
+    augment = {name: options.pop(name) for name in AUGMENT_OPTIONS if name in options}
+    if not augment:
+        return _open_sampled(kind, target, options, data_dir)
+    if "augment" not in augment:
+        raise InvalidInputError("options views and augment_seed need augment=RECIPE (e.g. augment=flip,shift4)")
+    if kind in SPLITS and target.endswith("test"):
+        raise InvalidInputError(f"{kind}:{target} is a test split: test images are never augmented")
+    recipe = AugmentRecipe.parse(augment["augment"])
+    views = _int_option({"views": 1, **augment}, "views", 1)
+    seed = _int_option({"augment_seed": 0, **augment}, "augment_seed", 0)
+    return augmented_views(_open_sampled(kind, target, options, data_dir), recipe, views, seed)
+
+
+def _open_sampled(kind: str, target: str, options: dict, data_dir) -> Dataset:
+    """The dataset of a parsed spec without augmentation, sampled `per_class` if asked."""
     own = SPLITS.get(kind, {}).get(target, {})
     sample = {name: options.pop(name) for name in SAMPLE_OPTIONS if name in options and name not in own}
     if kind in SPLITS:
         dataset = _open_builtin(kind, target, options, paths.data_dir(data_dir))
     elif options:
-        raise InvalidInputError(f"{kind} takes only the options {', '.join(SAMPLE_OPTIONS)}, got {sorted(options)}")
+        raise InvalidInputError(f"{kind} takes only the options {', '.join(SAMPLE_OPTIONS + AUGMENT_OPTIONS)}, "
+                                f"got {sorted(options)}")
     elif kind == "folder":
         dataset = open_folder(Path(target))
     elif kind == "npz":
@@ -220,6 +242,27 @@ def open_dataset(spec: str, data_dir: str | os.PathLike | None = None) -> Datase
     per_class, seed = _int_option(sample, "per_class", 1), _int_option({"seed": 0, **sample}, "seed", 0)
     joiner = "&" if "?" in dataset.spec else "?"
     return stratified_sample(dataset, per_class, seed, f"{dataset.spec}{joiner}per_class={per_class}&seed={seed}")
+
+
+def augmented_spec(spec: str, recipe: str, views: int, seed: int | str) -> str:
+    """`spec` asking for `views` views per image by `recipe` (its text) under `seed` (or a `{seed}` placeholder
+    of a spec template)."""
+    return f"{spec}{'&' if '?' in spec else '?'}augment={recipe}&views={views}&augment_seed={seed}"
+
+
+def augmented_views(dataset: Dataset, recipe: AugmentRecipe, views: int, seed: int) -> Dataset:
+    """`views` augmented views of every item of `dataset` (see `extractor.augment`), item-major: item j is
+    view j % views of item j // views, with its label; its source is the original's with `#view<v>`."""
+    base_load = dataset.load
+
+    def load(j: int) -> np.ndarray:
+        return recipe.view(base_load(j // views), seed, j % views)
+
+    def viewed(sources: list[str]) -> list[str]:
+        return [f"{source}#view{v}" for source in sources for v in range(views)]
+
+    return Dataset(augmented_spec(dataset.spec, recipe.text(), views, seed), dataset.class_names,
+                   np.repeat(dataset.labels, views), viewed(dataset.sources), load, root=dataset.root, relative_sources=viewed([dataset.source(i) for i in range(len(dataset))]))
 
 
 def _int_option(options: dict, name: str, minimum: int) -> int:
@@ -342,13 +385,9 @@ def encode_labels(labels, n: int, class_names=None) -> tuple[np.ndarray, list[st
         return labels.astype(np.int64), [str(name) for name in names]
     if labels.dtype.kind not in "UO":
         raise InvalidInputError(f"labels must be integers or class names, got {labels.dtype}")
-    text = labels.astype(str)
-    names = [str(name) for name in class_names] if class_names is not None else sorted(set(text.tolist()))
-    index = {name: i for i, name in enumerate(names)}
-    unknown = sorted(set(text.tolist()) - set(index))
-    if unknown:
-        raise InvalidInputError(f"labels {unknown[:5]} are not among the class names {names[:10]}")
-    return np.array([index[name] for name in text.tolist()], np.int64), names
+    names, indices = class_indices(labels.astype(str), None if class_names is None else
+                                   [str(name) for name in class_names])
+    return indices, [str(name) for name in names]
 
 
 def array_dataset(images, labels=None, class_names=None) -> Dataset:

@@ -50,3 +50,25 @@ def test_same_seed_same_weights():
     heads = [KerasHead("mlp512-tanh-dropout", epochs=2, random_state=3).fit(X, y) for _ in range(2)]
     for a, b in zip(*(h.model_.get_weights() for h in heads)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("spec", sorted(HEAD_SPECS))
+def test_the_classic_model_the_trained_head_and_the_saved_head_have_one_layout(spec):
+    """One builder: the classic end-to-end head, the head that trains (seeded dropout) and the saved one."""
+    from classifiers.heads import build_head_layers, head_layers, inference_model, initial_weights
+
+    def layout(layers):
+        return [(type(layer).__name__.replace("StepDropout", "Dropout"), getattr(layer, "units", None),
+                 getattr(layer, "rate", None), getattr(getattr(layer, "activation", None), "__name__", None))
+                for layer in layers]
+
+    weights = initial_weights(HEAD_SPECS[spec], 12, 3, seed=0)
+    classic = layout(head_layers(spec, 3))
+    assert classic == layout(build_head_layers(spec, 12, 3, seed=0)) == layout(inference_model(spec, weights).layers)
+    assert classic[-1] == ("Dense", 3, None, "softmax")
+
+
+def test_validation_labels_unseen_in_training_are_named():
+    X, y = make_classification(n_samples=20, n_features=4, random_state=0)
+    with pytest.raises(ValueError, match=r"labels \[7\] are not among the classes \[0, 1\]"):
+        KerasHead(epochs=1).fit(X, y, validation_data=(X[:2], [0, 7]))
