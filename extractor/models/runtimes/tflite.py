@@ -72,8 +72,8 @@ class TFLiteNetwork(Network):
     """
 
     def __init__(self, spec, path: str):
-        # every core for the convolutions: left unset, the interpreter runs one thread (MobileNet V1 on 2
-        # busy cores: 13 ms per image with 2 threads, 36 ms with 1, the same vectors to the bit)
+        # every core for the convolutions (left unset, the interpreter runs one thread); MobileNet V1 gives
+        # the same vectors to the bit with 1 or 2 threads
         threads = len(os.sched_getaffinity(0))
         probe = new_interpreter(path, num_threads=threads)
         outputs = [d["name"] for d in probe.get_output_details()]
