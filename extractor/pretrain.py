@@ -54,7 +54,10 @@ def pretrain_mnist_cnn(*, epochs: int = 15, batch_size: int = 128, seed: int = 0
     x_test, y_test = open_dataset("mnist:big-test", data_dir).arrays()
     keras.utils.set_random_seed(seed)
     model = mnist_cnn(num_classes=5)
-    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(), optimizer="adam", metrics=["accuracy"])
+    # one call into the compiled step per epoch: the same steps and weights as one call per step, without
+    # Python between steps (7% less CPU time; on 2 busy cores an epoch took 13 s instead of 20 s)
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(), optimizer="adam", metrics=["accuracy"],
+                  steps_per_execution=-(-len(x_train) // batch_size))
     log.info("pretraining mnist_cnn on %d images: %d epochs, batch %d", len(x_train), epochs, batch_size)
     model.fit(x_train / np.float32(255), y_train, epochs=epochs, batch_size=batch_size, verbose=0,
               callbacks=[_epoch_bar(epochs)] if progress else [])
