@@ -7,10 +7,10 @@ What the rest of the project uses:
     ModelRepository(folder)                        list, add, remove entries
 """
 
-from extractor.models.backbone import FrozenBackbone, load_backbone, release_backbone
+from extractor.models.backbone import FrozenBackbone, load_backbone, release_all_backbones, release_backbone
 from extractor.models.preprocessing import PRESETS, Preprocessing
 from extractor.models.repository import ModelRepository, backbone_names, get_backbone_spec
 from extractor.models.spec import BackboneSpec
 
 __all__ = ["PRESETS", "BackboneSpec", "FrozenBackbone", "ModelRepository", "Preprocessing", "backbone_names",
-           "get_backbone_spec", "load_backbone", "release_backbone"]
+           "get_backbone_spec", "load_backbone", "release_all_backbones", "release_backbone"]

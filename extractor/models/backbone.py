@@ -101,3 +101,11 @@ def release_backbone(spec: BackboneSpec) -> bool:
     """Forget the built backbone for `spec` (its memory goes once no caller holds it); whether one was built."""
     with _guard:
         return _built.pop(spec.fingerprint, None) is not None
+
+
+def release_all_backbones() -> int:
+    """Forget every built backbone (the next `load_backbone` builds afresh); how many there were."""
+    with _guard:
+        count = len(_built)
+        _built.clear()
+        return count
