@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, write_results  # noqa: E402
+from benchmarks.common import RESULTS, figure_row, save_figure, write_results  # noqa: E402
 
 log = logging.getLogger("cifar_transfer_sweep")
 
@@ -193,16 +193,11 @@ def plot(results: dict, path: Path) -> None:
     """Left: mean validation accuracy against epochs per batch size at the default rate and per rate at the
     default batch size (the pick's where the grid lacks the default's); right: the default's and the pick's
     mean test curves against the lecture's range."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     default = dict(results["default"])
     for key in ("batch_size", "learning_rate"):
         if not any(p[key] == default[key] for p in results["points"]):
             default[key] = results["pick"][key]
-    figure, (by_batch, by_rate, test) = plt.subplots(1, 3, figsize=(17, 5))
+    figure, (by_batch, by_rate, test) = figure_row(3, (17, 5))
     for point in results["points"]:
         curve = [100 * v for v in point["validation_curve_mean"]]
         epochs = range(1, len(curve) + 1)
@@ -214,8 +209,6 @@ def plot(results: dict, path: Path) -> None:
     for axis, title in ((by_batch, f"validation (20% of each trial's 1,000), lr {default['learning_rate']:g}"),
                         (by_rate, f"validation, batch {default['batch_size']}")):
         axis.set(title=title, xlabel="epochs", ylabel="mean accuracy over trials (%)")
-        axis.legend(fontsize=8)
-        axis.grid(alpha=0.3)
     for name, row in results["tested"].items():
         curve = [100 * v for v in row["test_curve_mean"]]
         epochs = [row["test_every"] * (i + 1) for i in range(len(curve))]
@@ -226,11 +219,8 @@ def plot(results: dict, path: Path) -> None:
     trials = next(iter(results["tested"].values()))["trials"] if results["tested"] else 0
     test.set(title=f"test (10,000 images), mean of {trials} trials",
              xlabel="epochs", ylabel="accuracy (%)")
-    test.legend(fontsize=8)
-    test.grid(alpha=0.3)
-    figure.suptitle("cifar_vgg transfer: VGG16 (lecture preprocessing) + dropout-mlp512-tanh-dropout")
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)
+    save_figure(figure, (by_batch, by_rate, test),
+                "cifar_vgg transfer: VGG16 (lecture preprocessing) + dropout-mlp512-tanh-dropout", path)
 
 
 if __name__ == "__main__":

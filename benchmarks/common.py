@@ -1,4 +1,4 @@
-"""Shared benchmark plumbing: timing medians, environment facts, writing results JSON."""
+"""Shared benchmark plumbing: timing medians, environment facts, writing results JSON, figures."""
 
 from __future__ import annotations
 
@@ -39,3 +39,23 @@ def write_results(name: str, results: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({**results, "environment": environment()}, indent=2) + "\n")
     return path
+
+
+def figure_row(count: int, size: tuple[float, float]):
+    """A figure of `count` axes side by side, drawn off-screen: (figure, axes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, count, figsize=size)
+
+
+def save_figure(figure, axes, title: str, path: Path) -> None:
+    """Every axis with its legend and a light grid, the title over them, written as a PNG."""
+    for axis in axes:
+        axis.legend(fontsize=8)
+        axis.grid(alpha=0.3)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)

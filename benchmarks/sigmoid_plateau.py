@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, write_results  # noqa: E402
+from benchmarks.common import RESULTS, figure_row, save_figure, write_results  # noqa: E402
 
 log = logging.getLogger("sigmoid_plateau")
 
@@ -187,12 +187,9 @@ def combine(names: list[str], out: str) -> None:
 
 def plot(results: dict, path: Path) -> None:
     """Training loss and validation accuracy per epoch, every trial of every setting, one colour a setting."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(14, 5))
+    figure, (loss_axis, accuracy_axis) = figure_row(2, (14, 5))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, setting in enumerate(results["settings"]):
         label = (f"batch {setting['batch_size']}, lr {setting['learning_rate']:g}, {setting['init']}: "
@@ -207,12 +204,8 @@ def plot(results: dict, path: Path) -> None:
     accuracy_axis.axhspan(*results["lecture"], color="green", alpha=0.15, label="lecture's test range")
     accuracy_axis.set(title="validation accuracy (20% of each trial's 1,000 images)", xlabel="epochs",
                       ylabel="accuracy (%)")
-    for axis in (loss_axis, accuracy_axis):
-        axis.legend(fontsize=8)
-        axis.grid(alpha=0.3)
-    figure.suptitle("cifar_vgg: the sigmoid CNN from scratch, Adam; each line a trial")
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)
+    save_figure(figure, (loss_axis, accuracy_axis), "cifar_vgg: the sigmoid CNN from scratch, Adam; each line a trial",
+                path)
 
 
 if __name__ == "__main__":
