@@ -115,3 +115,25 @@ def test_settings_are_checked():
         FineTuning("linear", 1, 1, 0)
     with pytest.raises(ValueError, match="block_learning_rate must be positive"):
         FineTuning("linear", 1, 1, 4, block_learning_rate=0)
+
+
+def test_efficientnet_lite0_head_conv_fine_tuned_on_cached_activations_equals_the_classic_one(data_dir):
+    """The same method on another model: EfficientNet-Lite0's head conv (its BatchNormalization frozen) trained
+    from the activations at its input, 7x7x320, equals the classic fine-tuning on 224x224 pixels."""
+    activations_spec = get_backbone_spec("efficientnet_lite0_head_input", data_dir=data_dir)
+    full_spec = get_backbone_spec("efficientnet_lite0", data_dir=data_dir)
+    x, y = open_dataset("cifar10:small?per_class=1&seed=1", data_dir).arrays()
+    pixels = full_spec.preprocessing.apply(list(x), full_spec.input_size, full_spec.channels)
+    activations = load_backbone(activations_spec).embed(list(x))
+    setup = FineTuning("linear", head_epochs=2, block_epochs=2, batch_size=4)
+    block = remaining_block(activations_spec, full_spec)
+    pretrained = np.asarray(block.get_layer("head_conv").kernel)
+    (trial,) = fine_tune_trials(block, activations[None], y[None], [SEED], setup)
+    model, _, history = classic_fine_tuning(activations_spec, full_spec, pixels, y, SEED, setup)
+
+    expected = [np.asarray(w) for w in model.trainable_weights]
+    assert [w.shape for w in expected] == [(1, 1, 320, 1280), (1280, 10), (10,)]  # head conv kernel, linear head
+    for want, got, scale in zip(expected, trial.weights(), layer_scales(model), strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale)
+    assert float(np.abs(trial.weights()[0] - pretrained).max() / np.abs(pretrained).max()) > 10 * 1e-5
+    np.testing.assert_allclose(trial.history["loss"], history["loss"], rtol=1e-4)
