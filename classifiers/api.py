@@ -94,7 +94,7 @@ def compare_heads(train, test, heads=("linear", "mlp512-tanh", "logreg"), *, sto
     are swept over the grid instead (`classifiers.sweeps.sweep_rows`: a row per point and the pick, made on
     a `validation_fraction` split of the training set)."""
     from classifiers.baselines import fit_trials
-    from classifiers.heads import HEAD_SPECS
+    from classifiers.heads import HEAD_SPECS, accuracy
     from classifiers.trainer import train_trials
 
     train, test = features(train, store), features(test, store)
@@ -116,7 +116,7 @@ def compare_heads(train, test, heads=("linear", "mlp512-tanh", "logreg"), *, sto
         if head in HEAD_SPECS:
             results = train_trials(head, np.repeat(train.X[None], trials, axis=0), np.repeat(train.y[None], trials, 0),
                                    seeds, epochs, batch_size)
-            accuracies = [float(np.mean(r.predict(test.X) == test.y)) for r in results]
+            accuracies = [accuracy(r, test.X, test.y) for r in results]
             settings |= {"epochs": epochs, "batch_size": batch_size}
         else:
             fitted = fit_trials(head, [(train.X, train.y)] * trials, seeds)

@@ -349,6 +349,7 @@ class ExperimentRunner:
         return base | extra
 
     def _run_head(self, experiment: Experiment, method: Method) -> MethodResult:
+        from classifiers.heads import accuracy
         from classifiers.trainer import train_trials
 
         data = self.trial_data(experiment, method)
@@ -356,7 +357,7 @@ class ExperimentRunner:
         start = time.perf_counter()
         results = train_trials(method.model, data.X_trials, data.y_trials, seeds, method.epochs, method.batch_size,
                                validation_data=(data.X_test, data.y_test) if method.validate else None)
-        accuracies = [float(np.mean(r.predict(data.X_test) == data.y_test)) for r in results]
+        accuracies = [accuracy(r, data.X_test, data.y_test) for r in results]
         seconds = time.perf_counter() - start
         return MethodResult(method.name, accuracies, seconds, self._settings(method, trials_seeds=seeds),
                             method.lecture, [r.history for r in results])
@@ -381,6 +382,7 @@ class ExperimentRunner:
             f"short default: {trials} trial(s), tested on {test} ({len(data.y_test)} images); FULL=1: all"
 
     def _run_fine_tune(self, experiment: Experiment, method: Method) -> MethodResult:
+        from classifiers.heads import accuracy
         from classifiers.fine_tuning import BLOCK_LEARNING_RATE, FineTuning, fine_tune_trials, remaining_block
 
         data = self.trial_data(experiment, method)
@@ -391,7 +393,7 @@ class ExperimentRunner:
         start = time.perf_counter()
         block = remaining_block(method.features.spec(self.data_dir), method.fine_tunes.spec(self.data_dir))
         results = fine_tune_trials(block, data.X_trials, data.y_trials, seeds, setup)
-        accuracies = [float(np.mean(r.predict(data.X_test) == data.y_test)) for r in results]
+        accuracies = [accuracy(r, data.X_test, data.y_test) for r in results]
         seconds = time.perf_counter() - start
         stages = {stage: round(sum(r.seconds[stage] for r in results), 2) for stage in results[0].seconds}
         settings = self._settings(method, trials_seeds=seeds, block_epochs=block_epochs,
@@ -403,6 +405,7 @@ class ExperimentRunner:
                             [r.history for r in results], note=note)
 
     def _run_sweep(self, experiment: Experiment, method: Method) -> MethodResult:
+        from classifiers.heads import accuracy
         from classifiers.sweeps import parse_grid, sweep_trials
 
         data = self.trial_data(experiment, method)
@@ -410,7 +413,7 @@ class ExperimentRunner:
         start = time.perf_counter()
         sweep = sweep_trials(method.model, data.X_trials, data.y_trials, seeds, method.epochs, method.batch_size,
                              parse_grid(*SWEEP_GRID))
-        accuracies = [float(np.mean(r.predict(data.X_test) == data.y_test)) for r in sweep.final]
+        accuracies = [accuracy(r, data.X_test, data.y_test) for r in sweep.final]
         note = _notes(f"picked {sweep.chosen.label()} on a {sweep.validation_fraction:.0%} validation split of each "
                       "trial's training images", self._short_note(experiment, method, data))
         settings = self._settings(method, trials_seeds=seeds, optimizer=sweep.chosen.optimizer,
@@ -420,6 +423,7 @@ class ExperimentRunner:
     def _run_augment(self, experiment: Experiment, method: Method) -> MethodResult:
         """The head on each trial's images and their views, and without the views, on the same trials (seeds,
         images, test set); the views are seeded by the trial's seed and never made of test images."""
+        from classifiers.heads import accuracy
         from classifiers.trainer import train_trials
         from extractor.datasets import augmented_spec
 
@@ -432,10 +436,10 @@ class ExperimentRunner:
                                np.concatenate([data.y_trials, viewed.y_trials], axis=1), seeds, method.epochs,
                                method.batch_size)
         seconds = time.perf_counter() - start
-        accuracies = [float(np.mean(r.predict(data.X_test) == data.y_test)) for r in results]
+        accuracies = [accuracy(r, data.X_test, data.y_test) for r in results]
         start = time.perf_counter()
         plain = train_trials(method.model, data.X_trials, data.y_trials, seeds, method.epochs, method.batch_size)
-        without = [float(np.mean(r.predict(data.X_test) == data.y_test)) for r in plain]
+        without = [accuracy(r, data.X_test, data.y_test) for r in plain]
         without_seconds = time.perf_counter() - start
         gains = 100 * (np.asarray(accuracies) - without)
         note = _notes(f"without augmentation on the same trials: {100 * np.mean(without):.1f}% "

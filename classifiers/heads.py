@@ -64,6 +64,11 @@ HEAD_SPECS: dict[str, HeadSpec] = {
 }
 
 
+def accuracy(head, X: np.ndarray, y: np.ndarray) -> float:
+    """The share of `X` that a trained head (anything with `predict`) labels as `y`."""
+    return float(np.mean(head.predict(X) == y))
+
+
 def head_spec(name: str) -> HeadSpec:
     """The `HeadSpec` called `name`; ValueError listing the known names otherwise."""
     try:

@@ -90,6 +90,7 @@ def validation_split(y_trials: np.ndarray, seeds, fraction: float) -> tuple[np.n
 def sweep_trials(spec: str, X_trials, y_trials, seeds, epochs: int, batch_size: int, points: list[SweepPoint],
                  validation_fraction: float = VALIDATION_FRACTION, n_jobs: int | None = None) -> SweepResult:
     """Sweep `points` for head `spec` on X_trials (T, n, d), y_trials (T, n); see the module docstring."""
+    from classifiers.heads import accuracy
     from classifiers.trainer import train_trials
 
     X_trials, y_trials = np.asarray(X_trials, np.float32), np.asarray(y_trials)
@@ -102,7 +103,7 @@ def sweep_trials(spec: str, X_trials, y_trials, seeds, epochs: int, batch_size: 
     for point in points:
         results = train_trials(spec, X_fit, y_fit, seeds, epochs, batch_size, learning_rate=point.learning_rate,
                                optimizer=point.optimizer, n_jobs=n_jobs)
-        validation[point] = [float(np.mean(r.predict(X[rows]) == y[rows]))
+        validation[point] = [accuracy(r, X[rows], y[rows])
                              for r, X, y, rows in zip(results, X_trials, y_trials, held_out)]
         log.debug("%s %s: validation accuracy %.3f", spec, point.label(), np.mean(validation[point]))
     chosen = max(points, key=lambda p: np.mean(validation[p]))  # the first of equals, in the grid's order
@@ -118,6 +119,7 @@ def sweep_rows(spec: str, X, y, X_test, y_test, seeds, epochs: int, batch_size: 
     import time
 
     from classifiers.report import MethodResult
+    from classifiers.heads import accuracy
     from classifiers.trainer import train_trials
 
     X, y = np.asarray(X, np.float32), np.asarray(y)
@@ -131,7 +133,7 @@ def sweep_rows(spec: str, X, y, X_test, y_test, seeds, epochs: int, batch_size: 
         results = sweep.final if point == sweep.chosen else train_trials(
             spec, X_trials, y_trials, seeds, epochs, batch_size, learning_rate=point.learning_rate,
             optimizer=point.optimizer)
-        tested[point] = [float(np.mean(r.predict(X_test) == y_test)) for r in results]
+        tested[point] = [accuracy(r, X_test, y_test) for r in results]
         rows.append(MethodResult(f"{spec} {point.label()}", tested[point], time.perf_counter() - start,
                                  {"head": spec, "trials": len(seeds), "epochs": epochs, "batch_size": batch_size,
                                   "optimizer": point.optimizer, "learning_rate": point.learning_rate}))
