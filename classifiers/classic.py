@@ -7,7 +7,7 @@ its forward pass; the from-scratch CNNs are the lecture's no-transfer rows.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -61,19 +61,51 @@ class ClassicRun:
     accuracy: float           # test accuracy after the last epoch (NaN for a timing-only run)
     seconds: float            # training (fit) wall time, per-epoch validation included
     epochs: int
-    seconds_per_epoch: float  # timing-only: steady-state steps x median step time, + validation
+    seconds_per_epoch: float  # timing-only: see `steady_epoch_seconds`
     history: dict
     warmup_seconds: float = 0.0             # timing-only: what the first steps cost beyond steady state
     seconds_per_epoch_range: tuple = ()     # timing-only: from the 10th and 90th percentile step times
+    # Timing-only, what `steady_epoch_seconds` pools over several builds:
+    steps_per_epoch: int = 0
+    step_seconds: list = field(default_factory=list)              # the steady-state training steps
+    between_steps_seconds: float = 0.0                            # what fit spends in an epoch between steps
+    validation_batches: int = 0                                   # the test set's batches per epoch
+    validation_batch_seconds: list = field(default_factory=list)  # steady-state validation batches
+
+
+# Keras' steps on this machine run in episodes of two speeds, 1.7-1.8x apart: for seconds at a time both
+# intra-op threads stay busy while the steps take as long as on one thread (measured: 19 vs 34 ms a step of
+# mnist_vgg's model, 10-60% of the steps of a minute, in every build; numpy's threads beside it slow down
+# not at all). A median or a single timed pass lands in either; the lower quartile of many steps from
+# several builds is the steady speed as long as three steps in four are not slow.
+STEADY_QUANTILE = 25
+
+
+def steady_epoch_seconds(runs: list[ClassicRun]) -> tuple[float, float, float]:
+    """An epoch's seconds from timing-only runs, their steps pooled: the steps per epoch times the lower
+    quartile of the steady-state steps, plus what fit spends between steps (median), plus the test set's
+    validation batches times their lower quartile; also from the 10th and 90th percentiles (a range)."""
+    steps = np.concatenate([r.step_seconds for r in runs])
+    validation = np.concatenate([r.validation_batch_seconds for r in runs])
+    between = float(np.median([r.between_steps_seconds for r in runs]))
+
+    def epoch(q: float) -> float:
+        seconds = runs[0].steps_per_epoch * float(np.percentile(steps, q)) + between
+        if len(validation):
+            seconds += runs[0].validation_batches * float(np.percentile(validation, q))
+        return seconds
+
+    return epoch(STEADY_QUANTILE), epoch(10), epoch(90)
 
 
 def _step_timer():
-    """A Keras callback recording the wall time of every training step, and of every epoch less its steps."""
+    """A Keras callback recording the wall time of every training and test step, and of every epoch less
+    its steps."""
     import keras
 
     class StepTimer(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
-            self.steps, self.between_steps = [], []
+            self.steps, self.test_steps, self.between_steps = [], [], []
 
         def on_epoch_begin(self, epoch, logs=None):
             self._epoch_started, self._epoch_steps = time.perf_counter(), len(self.steps)
@@ -83,6 +115,12 @@ def _step_timer():
 
         def on_train_batch_end(self, batch, logs=None):
             self.steps.append(time.perf_counter() - self._started)
+
+        def on_test_batch_begin(self, batch, logs=None):
+            self._started = time.perf_counter()
+
+        def on_test_batch_end(self, batch, logs=None):
+            self.test_steps.append(time.perf_counter() - self._started)
 
         def on_epoch_end(self, epoch, logs=None):
             stepping = sum(self.steps[self._epoch_steps:])
@@ -98,9 +136,9 @@ def fit_classic(model, x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test:
     if `validate`); test accuracy after the last epoch.
 
     `timing_only` measures the cost without paying it all, from steady-state steps: every training step
-    is timed; an epoch is the steps per epoch times the median step after the first few (tracing, first
-    allocations), plus what `fit` spends in an epoch between its steps (iterator, callbacks), plus validation, timed on `validation_sample` test images after one untimed
-    warm-up batch and scaled to the test set. The warm-up (the first steps' excess) is reported apart.
+    is timed, the first few (tracing, first allocations) left out; so is every validation batch of
+    `validation_sample` test images, after one untimed warm-up batch. An epoch's seconds come from them
+    as `steady_epoch_seconds` says. The warm-up (the first steps' excess) is reported apart.
     """
     import keras
 
@@ -119,20 +157,23 @@ def fit_classic(model, x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test:
     seconds = time.perf_counter() - start
     history = {k: [float(v) for v in vals] for k, vals in history.history.items()}
     if timing_only:
-        steady = np.asarray(timer.steps[min(WARMUP_STEPS, len(timer.steps) - 1):])
-        validation = 0.0
-        if validate:
-            sample = min(validation_sample, len(x_test))
-            model.evaluate(x_test[:batch_size], y_test[:batch_size], batch_size=batch_size, verbose=0)
-            started = time.perf_counter()
-            model.evaluate(x_test[:sample], y_test[:sample], batch_size=batch_size, verbose=0)
-            validation = (time.perf_counter() - started) * len(x_test) / sample
         steps = np.asarray(timer.steps)
-        between_steps = float(np.median(timer.between_steps))
-        per_epoch, low, high = (steps_per_epoch * float(q) + between_steps + validation
-                                for q in np.percentile(steady, [50, 10, 90]))
-        warmup = max(float(steps.sum()) - float(np.median(steady)) * len(steps), 0.0)
-        return ClassicRun(float("nan"), per_epoch * epochs, epochs, per_epoch, history, round(warmup, 3),
-                          (low, high))
+        steady = steps[min(WARMUP_STEPS, len(steps) - 1):]
+        validation_batches = 0
+        if validate:
+            sample = max(min(validation_sample, len(x_test)) // batch_size, 1) * batch_size
+            model.evaluate(x_test[:batch_size], y_test[:batch_size], batch_size=batch_size, verbose=0)
+            model.evaluate(x_test[:sample], y_test[:sample], batch_size=batch_size, verbose=0, callbacks=[timer])
+            validation_batches = -(-len(x_test) // batch_size)
+        run = ClassicRun(float("nan"), seconds, epochs, 0.0, history,
+                         round(max(float(steps.sum() - np.median(steady) * len(steps)), 0.0), 3),
+                         steps_per_epoch=steps_per_epoch, step_seconds=[round(float(s), 6) for s in steady],
+                         between_steps_seconds=float(np.median(timer.between_steps)),
+                         validation_batches=validation_batches,
+                         validation_batch_seconds=[round(float(s), 6) for s in timer.test_steps])
+        per_epoch, low, high = steady_epoch_seconds([run])
+        run.seconds_per_epoch, run.seconds_per_epoch_range = per_epoch, (low, high)
+        run.seconds = per_epoch * epochs
+        return run
     _, accuracy = model.evaluate(x_test, y_test, batch_size=256, verbose=0)
     return ClassicRun(float(accuracy), seconds, epochs, seconds / epochs, history)

@@ -19,8 +19,7 @@ from classifiers.trial_cache import TrialCache
 log = logging.getLogger(__name__)
 
 TRIALS = 15
-# Keras' step time for one model build falls in one of two modes here, up to 1.7x apart (mnist_vgg: 500 or
-# 880 ms an epoch, at random per build): timing-only classic rows time this many builds and take the fastest.
+# Timing-only classic rows pool the steady-state steps of this many builds (see classic.steady_epoch_seconds).
 CLASSIC_TIMING_BUILDS = 3
 
 
@@ -511,7 +510,7 @@ class ExperimentRunner:
 
     def _run_classic(self, experiment: Experiment, method: Method) -> MethodResult:
         """The end-to-end model, timed; in the short default, over a few epochs, extrapolated per epoch."""
-        from classifiers.classic import freeze_and_retrain_model
+        from classifiers.classic import freeze_and_retrain_model, steady_epoch_seconds
 
         spec = method.features.spec(self.data_dir)
 
@@ -519,23 +518,21 @@ class ExperimentRunner:
             return freeze_and_retrain_model(spec, method.model, num_classes)
 
         epochs = self.settings.epochs_for(method)
-        runs, reused = self._pixel_trials(experiment, method, epochs, build,
-                                          {"backbone": spec.fingerprint, "timing": "steady-state steps, epoch overhead"})
+        identity = {"backbone": spec.fingerprint, "timing": "steady-state steps and validation batches"}
+        runs, reused = self._pixel_trials(experiment, method, epochs, build, identity)
         full_trials = epochs == method.epochs
-        # Timing only: the fastest build's steady-state step (see CLASSIC_TIMING_BUILDS), never a slow mode's.
-        per_epoch = np.median if full_trials else min
-        per_trial = float(per_epoch([r.seconds_per_epoch for r in runs])) * method.epochs
-        ranges = [r.seconds_per_epoch_range for r in runs if r.seconds_per_epoch_range]
-        per_trial_range = [round(min(lo for lo, _ in ranges) * method.epochs, 2),
-                           round(max(hi for _, hi in ranges) * method.epochs, 2)] if ranges else None
+        if full_trials:
+            per_trial, per_trial_range = float(np.median([r.seconds_per_epoch for r in runs])) * method.epochs, None
+        else:
+            per_trial, low, high = (q * method.epochs for q in steady_epoch_seconds(runs))
+            per_trial_range = [round(low, 2), round(high, 2)]
         warmup = float(np.median([r.warmup_seconds for r in runs]))
         note = _notes(_reuse_note(len(runs), reused), not full_trials and (
-            f"timing only: {len(runs)} build(s) of {epochs} epoch(s), steady-state steps timed, the fastest "
-            "build's"
-            f"{' (validation timed on a sample)' * method.validate}: {per_trial:.0f} s per {method.epochs}-epoch "
-            f"trial" + (f" ({per_trial_range[0]:.0f}-{per_trial_range[1]:.0f} s from the 10th-90th percentile "
-                        "step)" if per_trial_range else "") + f", warm-up {warmup:.1f} s apart; FULL=1 runs "
-            f"{self.settings.trials} full trials"))
+            f"timing only: {len(runs)} build(s) of {epochs} epoch(s), the lower quartile of their steady-state "
+            f"steps{' and validation batches (on a sample)' * method.validate}: {per_trial:.0f} s per "
+            f"{method.epochs}-epoch trial ({per_trial_range[0]:.0f}-{per_trial_range[1]:.0f} s from the "
+            f"10th-90th percentile step), warm-up {warmup:.1f} s apart; FULL=1 runs {self.settings.trials} full "
+            "trials"))
         return MethodResult(method.name, [r.accuracy for r in runs] if full_trials else [],
                             sum(r.seconds for r in runs),
                             self._settings(method, seconds_per_full_trial=round(per_trial, 2),
