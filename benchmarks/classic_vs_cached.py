@@ -53,7 +53,8 @@ def main() -> None:
                   f"({timing['classic_full_table_seconds_range'][0]:.0f}-"
                   f"{timing['classic_full_table_seconds_range'][1]:.0f})   cached "
                   f"{timing['cached_full_table_seconds']:6.1f} s (embed {timing['cached_embed_seconds']:.1f} + "
-                  f"train {timing['cached_train_seconds']:.1f})   ratio {timing['speedup']:5.0f}x", flush=True)
+                  f"train {timing['cached_train_seconds']:.1f})   ratio {timing['speedup']:5.0f}x   slow steps "
+                  f"{timing['classic_slow_step_share']:.0%}", flush=True)
         repeats.append(results)
     ratios = {name: [run[name]["speedup"] for run in repeats] for name in names}
     spread = {name: round(max(r) / min(r) - 1, 3) for name, r in ratios.items()}

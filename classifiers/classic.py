@@ -98,6 +98,13 @@ def steady_epoch_seconds(runs: list[ClassicRun]) -> tuple[float, float, float]:
     return epoch(STEADY_QUANTILE), epoch(10), epoch(90)
 
 
+def slow_step_share(runs: list[ClassicRun], factor: float = 1.4) -> float:
+    """The share of the pooled steady-state steps slower than `factor` x their lower quartile: the slow
+    episodes' share, which `steady_epoch_seconds` stays right under while it is below three in four."""
+    steps = np.concatenate([r.step_seconds for r in runs])
+    return float(np.mean(steps > factor * np.percentile(steps, STEADY_QUANTILE)))
+
+
 def _step_timer():
     """A Keras callback recording the wall time of every training and test step, and of every epoch less
     its steps."""

@@ -510,7 +510,7 @@ class ExperimentRunner:
 
     def _run_classic(self, experiment: Experiment, method: Method) -> MethodResult:
         """The end-to-end model, timed; in the short default, over a few epochs, extrapolated per epoch."""
-        from classifiers.classic import freeze_and_retrain_model, steady_epoch_seconds
+        from classifiers.classic import freeze_and_retrain_model, slow_step_share, steady_epoch_seconds
 
         spec = method.features.spec(self.data_dir)
 
@@ -523,9 +523,10 @@ class ExperimentRunner:
         full_trials = epochs == method.epochs
         if full_trials:
             per_trial, per_trial_range = float(np.median([r.seconds_per_epoch for r in runs])) * method.epochs, None
+            slow_share = None
         else:
             per_trial, low, high = (q * method.epochs for q in steady_epoch_seconds(runs))
-            per_trial_range = [round(low, 2), round(high, 2)]
+            per_trial_range, slow_share = [round(low, 2), round(high, 2)], round(slow_step_share(runs), 3)
         warmup = float(np.median([r.warmup_seconds for r in runs]))
         note = _notes(_reuse_note(len(runs), reused), not full_trials and (
             f"timing only: {len(runs)} build(s) of {epochs} epoch(s), the lower quartile of their steady-state "
@@ -537,6 +538,7 @@ class ExperimentRunner:
                             sum(r.seconds for r in runs),
                             self._settings(method, seconds_per_full_trial=round(per_trial, 2),
                                            seconds_per_full_trial_range=per_trial_range,
+                                           slow_step_share=slow_share,
                                            warmup_seconds=round(warmup, 2), measured_epochs=epochs),
                             method.lecture, note=note)
 
@@ -555,6 +557,7 @@ class ExperimentRunner:
         return {"classic_full_table_seconds": round(classic_total, 1),
                 "classic_full_table_seconds_range": [round(low * rows_trials, 1), round(high * rows_trials, 1)],
                 "speedup_range": [round(low * rows_trials / cached_total, 1), round(high * rows_trials / cached_total, 1)],
+                "classic_slow_step_share": classic[0].settings.get("slow_step_share"),
                 "cached_full_table_seconds": round(cached_total, 2),
                 "cached_embed_seconds": round(embedding.embed_seconds, 2),
                 "cached_train_seconds": round(sum(r.seconds for r in heads), 2),

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from classifiers.classic import WARMUP_STEPS, ClassicRun, fit_classic, steady_epoch_seconds
+from classifiers.classic import WARMUP_STEPS, ClassicRun, fit_classic, slow_step_share, steady_epoch_seconds
 from extractor.pretrain import mnist_cnn
 
 
@@ -52,6 +52,7 @@ def test_steady_epoch_seconds_pools_builds_and_keeps_the_steady_speed_when_slow_
     per_epoch, low, high = steady_epoch_seconds(builds)
     assert 25 * 0.019 + 0.5 <= per_epoch <= 25 * 0.020 + 0.5
     assert low <= per_epoch < high and high >= 25 * 0.034 + 0.5
+    assert slow_step_share(builds) == pytest.approx(24 / 60)
     # validation batches count per batch of the test set, with the same quantile
     steps = fast(20)
     with_validation = steady_epoch_seconds([_timed(steps, validation=[0.01] * 8 + [0.03] * 2)])[0]

@@ -63,6 +63,7 @@ def test_runner_trains_every_kind_of_row(tmp_path, tiny_experiment):
         classic = rows["classic"].settings
         low, high = classic["seconds_per_full_trial_range"]
         assert 0 < low <= classic["seconds_per_full_trial"] <= high and classic["warmup_seconds"] >= 0
+        assert 0 <= classic["slow_step_share"] < 1
         assert "steady-state steps" in rows["classic"].note and "warm-up" in rows["classic"].note
         timing = result.details["timing"]
         assert timing["classic_full_table_seconds"] > 0  # a tiny table's ratio may round to 0.0
