@@ -63,7 +63,7 @@ class ClassicRun:
     epochs: int
     seconds_per_epoch: float  # timing-only: see `steady_epoch_seconds`
     history: dict
-    warmup_seconds: float = 0.0             # timing-only: what the first steps cost beyond steady state
+    warmup_seconds: float = 0.0             # timing-only: what the first steps cost beyond the steady speed
     seconds_per_epoch_range: tuple = ()     # timing-only: from the 10th and 90th percentile step times
     # Timing-only, what `steady_epoch_seconds` pools over several builds:
     steps_per_epoch: int = 0
@@ -75,8 +75,8 @@ class ClassicRun:
 
 # Keras' steps on this machine run in episodes of two speeds, 1.7-1.8x apart: for seconds at a time both
 # intra-op threads stay busy while the steps take as long as on one thread (measured: 19 vs 34 ms a step of
-# mnist_vgg's model, 10-60% of the steps of a minute, in every build; numpy's threads beside it slow down
-# not at all). A median or a single timed pass lands in either; the lower quartile of many steps from
+# mnist_vgg's model, 10-60% of the steps of a minute, in every build; with one thread, or with numpy's two,
+# no episodes). A median or a single timed pass lands in either; the lower quartile of many steps from
 # several builds is the steady speed as long as three steps in four are not slow.
 STEADY_QUANTILE = 25
 
@@ -165,15 +165,16 @@ def fit_classic(model, x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test:
     history = {k: [float(v) for v in vals] for k, vals in history.history.items()}
     if timing_only:
         steps = np.asarray(timer.steps)
-        steady = steps[min(WARMUP_STEPS, len(steps) - 1):]
+        first = min(WARMUP_STEPS, len(steps) - 1)
+        steady = steps[first:]
         validation_batches = 0
         if validate:
             sample = max(min(validation_sample, len(x_test)) // batch_size, 1) * batch_size
             model.evaluate(x_test[:batch_size], y_test[:batch_size], batch_size=batch_size, verbose=0)
             model.evaluate(x_test[:sample], y_test[:sample], batch_size=batch_size, verbose=0, callbacks=[timer])
             validation_batches = -(-len(x_test) // batch_size)
-        run = ClassicRun(float("nan"), seconds, epochs, 0.0, history,
-                         round(max(float(steps.sum() - np.median(steady) * len(steps)), 0.0), 3),
+        warmup = float(steps[:first].sum() - first * np.percentile(steady, STEADY_QUANTILE))
+        run = ClassicRun(float("nan"), seconds, epochs, 0.0, history, round(max(warmup, 0.0), 3),
                          steps_per_epoch=steps_per_epoch, step_seconds=[round(float(s), 6) for s in steady],
                          between_steps_seconds=float(np.median(timer.between_steps)),
                          validation_batches=validation_batches,
