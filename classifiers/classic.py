@@ -75,7 +75,7 @@ class ClassicRun:
 
 # Keras' steps on this machine run in episodes of two speeds, 1.7-1.8x apart: for seconds at a time both
 # intra-op threads stay busy while the steps take as long as on one thread (measured: 19 vs 34 ms a step of
-# mnist_vgg's model, 10-60% of the steps of a minute, in every build; with one thread, or with numpy's two,
+# mnist_vgg's model, 5-60% of the steps of a minute, in every build; with one thread, or with numpy's two,
 # no episodes). A median or a single timed pass lands in either; the lower quartile of many steps from
 # several builds is the steady speed as long as three steps in four are not slow.
 STEADY_QUANTILE = 25
