@@ -59,7 +59,8 @@ def freeze_and_retrain_model(spec, head: str, num_classes: int):
 @dataclass
 class ClassicRun:
     accuracy: float           # test accuracy after the last epoch (NaN for a timing-only run)
-    seconds: float            # training (fit) wall time, per-epoch validation included
+    seconds: float            # training (fit) wall time, per-epoch validation included (timing-only: epochs x
+                              # seconds_per_epoch)
     epochs: int
     seconds_per_epoch: float  # timing-only: see `steady_epoch_seconds`
     history: dict
@@ -174,14 +175,14 @@ def fit_classic(model, x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test:
             model.evaluate(x_test[:sample], y_test[:sample], batch_size=batch_size, verbose=0, callbacks=[timer])
             validation_batches = -(-len(x_test) // batch_size)
         warmup = float(steps[:first].sum() - first * np.percentile(steady, STEADY_QUANTILE))
-        run = ClassicRun(float("nan"), seconds, epochs, 0.0, history, round(max(warmup, 0.0), 3),
+        # seconds and seconds_per_epoch follow from the steps, below
+        run = ClassicRun(float("nan"), 0.0, epochs, 0.0, history, round(max(warmup, 0.0), 3),
                          steps_per_epoch=steps_per_epoch, step_seconds=[round(float(s), 6) for s in steady],
                          between_steps_seconds=float(np.median(timer.between_steps)),
                          validation_batches=validation_batches,
                          validation_batch_seconds=[round(float(s), 6) for s in timer.test_steps])
         per_epoch, low, high = steady_epoch_seconds([run])
-        run.seconds_per_epoch, run.seconds_per_epoch_range = per_epoch, (low, high)
-        run.seconds = per_epoch * epochs
+        run.seconds, run.seconds_per_epoch, run.seconds_per_epoch_range = per_epoch * epochs, per_epoch, (low, high)
         return run
     _, accuracy = model.evaluate(x_test, y_test, batch_size=256, verbose=0)
     return ClassicRun(float(accuracy), seconds, epochs, seconds / epochs, history)
