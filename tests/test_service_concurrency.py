@@ -4,6 +4,7 @@ calls and streams are open; on a fake backbone whose calls can be held, so nothi
 import json
 import threading
 import time
+from collections import Counter
 
 import grpc
 import httpx
@@ -257,6 +258,65 @@ def test_a_unary_call_whose_message_never_arrives_is_closed_too(held):
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - started < 0.5 + QUICK
     wait_until(lambda: server.server.slots.calls.held == 0)
     assert server.own.Embed(embed_request(4), timeout=30).vectors.rows == 1
+
+
+# --- shutting down -----------------------------------------------------------------------------------------------
+
+def test_stopping_lets_calls_in_flight_finish_and_refuses_new_ones_unavailable_at_once(held):
+    """Stopping: health says NOT_SERVING, a new call is refused UNAVAILABLE at once (clients retry elsewhere), the
+    calls in flight are answered in full, and the server stops as soon as they are, well within its grace."""
+    server = held(max_calls=2)
+    outcomes = server.hold_calls(2)
+    stopping = threading.Thread(target=server.server.stop, args=(30,), daemon=True)
+    started = time.monotonic()
+    stopping.start()
+    health = health_pb2_grpc.HealthStub(server.channel)
+    wait_until(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=QUICK).status
+               == health_pb2.HealthCheckResponse.NOT_SERVING)
+    caught = refused_at_once(lambda: server.own.Embed(embed_request(9), timeout=30))
+    assert caught.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in caught.details()
+    assert stopping.is_alive()  # held by the two calls in flight
+    server.backbone.gate.set()
+    stopping.join(10)
+    assert not stopping.is_alive() and time.monotonic() - started < 10
+    assert len(outcomes) == 2 and all(outcome.vectors.rows == 1 for outcome in outcomes), outcomes
+
+
+class BusyBackbone(FakeBackbone):
+    """Holds the interpreter for a while per batch, as Python code around a model does."""
+
+    def embed(self, images):
+        sum(range(300_000))
+        return super().embed(images)
+
+
+def test_calls_arriving_while_the_server_stops_are_refused_unavailable_never_cancelled(spec, tmp_path):
+    """grpc answers CANCELLED (which clients do not retry) to the calls it has received but not yet handed over
+    when its server stops, and it hands them over late while the calls in flight keep the interpreter busy. Eight
+    clients calling in a loop, five times: every call after the stop began is refused UNAVAILABLE."""
+    late: list[grpc.StatusCode] = []
+    for attempt in range(5):
+        server = start_server(spec, tmp_path / f"store{attempt}.sqlite", backbone_loader=lambda _: BusyBackbone(512),
+                              max_wait=0.0)
+
+        def keep_calling(seed: int) -> None:
+            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                embed = pb_grpc.FeatureServiceStub(channel).Embed
+                while True:  # until refused: calls answered before the refusal began are fine
+                    try:
+                        embed(embed_request(seed), timeout=30)
+                    except grpc.RpcError as exc:
+                        late.append(exc.code())
+                        return
+
+        clients = [threading.Thread(target=keep_calling, args=(seed,), daemon=True) for seed in range(8)]
+        for client in clients:
+            client.start()
+        time.sleep(0.3)
+        server.stop(grace=10)
+        for client in clients:
+            client.join(10)
+    assert Counter(late) == {grpc.StatusCode.UNAVAILABLE: 40}, Counter(late)
 
 
 # --- reliability: a real served process -------------------------------------------------------------------------

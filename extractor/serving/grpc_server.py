@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from extractor.errors import AuthenticationError, InvalidInputError
+from extractor.errors import AuthenticationError, InvalidInputError, NotReadyError
 from extractor.models.quiet import native_stderr_silenced
 from extractor.serving.concurrency import CallSlots, ServerSlots
 from extractor.serving.grpc_status import status_for
@@ -47,6 +47,12 @@ METADATA_METHODS = frozenset(
 RESERVE_THREADS = 8      # health, metadata, refusals
 REFLECTION_STREAMS = 4   # reflection is a stream too, kept apart from the calls' and the streams' caps
 QUEUED_METADATA_CALLS = 256  # beyond every thread: grpc itself refuses more calls than this waiting
+# Shutting down, the port closes only once the calls in flight have ended and no call has reached the guard
+# for SETTLE_SECONDS (at most SETTLE_MAX_SECONDS): grpc answers CANCELLED, which clients do not retry, to the
+# calls it has received but not yet handed over when its server stops (grpc/grpc#41785), and a busy server
+# hands them over late; settled, every late call has had its UNAVAILABLE.
+SETTLE_SECONDS = 0.2
+SETTLE_MAX_SECONDS = 2.0
 
 
 def model_of(request) -> str:
@@ -68,21 +74,28 @@ class CallGuard(grpc.ServerInterceptor):
     the calls of the two doors.
 
     It runs in grpc's polling thread, before the call gets a thread: a refused call (no token, over a cap) is
-    answered from the reserve without reading its request."""
+    answered from the reserve without reading its request. Once `closing`, every call but health's is refused
+    UNAVAILABLE, which tells clients to try another replica."""
 
     def __init__(self, token: str | None = None, metrics: ServingMetrics | None = None,
                  lanes: Lanes | None = None, watch: IdleWatch | None = None):
         self._expected = f"Bearer {token}".encode() if token else None
         self.metrics = metrics
         self.lanes, self.watch = lanes, watch
+        self.closing = False
+        self.last_arrival = time.monotonic()  # when the latest call reached the guard
 
     def intercept_service(self, continuation, handler_call_details):
+        self.last_arrival = time.monotonic()
         handler = continuation(handler_call_details)
         if handler is None:
             return None
         method = handler_call_details.method
         protocol = PROTOCOL_OF_SERVICE.get(method.split("/")[1]) if self.metrics else None
         metrics = self.metrics if protocol else None
+        if self.closing and not method.startswith(HEALTH_METHODS):
+            return _refusal(method, NotReadyError("the server is shutting down: try again or another replica"),
+                            metrics, protocol)
         # Exactly one authorization header: with two, which one a proxy or a server reads is anyone's guess.
         tokens = [value for key, value in handler_call_details.invocation_metadata if key == "authorization"]
         if self._expected is not None and not (
@@ -262,6 +275,11 @@ class Lanes:
     def threads(self) -> int:
         return sum(lane.threads for lane in (self.streams, self.calls, self.reflection))
 
+    @property
+    def in_flight(self) -> int:
+        """Calls and streams holding a slot, in every door that shares them."""
+        return sum(lane.slots.held for lane in (self.streams, self.calls, self.reflection))
+
     def shutdown(self) -> None:
         for lane in (self.streams, self.calls, self.reflection):
             lane.shutdown(wait=False)
@@ -393,8 +411,9 @@ class FeatureServer:
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.so_reuseport", 0)]  # a port already taken is an error, not a shared port
+        self.guard = CallGuard(token, metrics, self.lanes, self.watch)
         self.server = grpc.server(futures.ThreadPoolExecutor(RESERVE_THREADS, thread_name_prefix="rpc"),
-                                  interceptors=[CallGuard(token, metrics, self.lanes, self.watch)], options=options,
+                                  interceptors=[self.guard], options=options,
                                   maximum_concurrent_rpcs=self.lanes.threads + QUEUED_METADATA_CALLS)
         pb_grpc.add_FeatureServiceServicer_to_server(
             FeatureServicer(service, max_message_bytes, self.slots.limits), self.server)
@@ -431,10 +450,24 @@ class FeatureServer:
         self._set_health(health_pb2.HealthCheckResponse.SERVING if self.service.serving
                          else health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    def stop(self, grace: float) -> None:
-        """Report NOT_SERVING, refuse new calls, let in-flight ones finish within `grace` s, close the store."""
+    def refuse_new_calls(self) -> None:
+        """Report NOT_SERVING and answer every new call but health's UNAVAILABLE; calls in flight go on."""
         self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
+        self.guard.closing = True
+
+    def stop(self, grace: float) -> None:
+        """Refuse new calls, let in-flight ones finish within `grace` s, close the port once no call has arrived
+        for a moment (see SETTLE_SECONDS), close the store."""
+        deadline = time.monotonic() + grace
+        self.refuse_new_calls()
+        while self.lanes.in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # quiet from the moment the last call ended, whose client may well call again at once
+        ended, settle_until = time.monotonic(), min(deadline, time.monotonic() + SETTLE_MAX_SECONDS)
+        while (time.monotonic() - max(ended, self.guard.last_arrival) < SETTLE_SECONDS
+               and time.monotonic() < settle_until):
+            time.sleep(0.01)
+        self.server.stop(max(0.0, deadline - time.monotonic())).wait()
         self._release_threads()
         self.service.close()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
 
 from extractor.serving.concurrency import ConcurrencyLimits
@@ -84,8 +85,10 @@ def serve(service_factory, doors: Doors, grace: float) -> int:
     log.info("serving %s; limits: %s; %s", ", ".join(service.served), service.limits, doors.concurrency)
     stop.wait()
     log.info("stopping: draining in-flight calls (grace %.0f s)", grace)
+    server.refuse_new_calls()  # while the HTTP doors drain, gRPC clients are told to go elsewhere at once
+    deadline = time.monotonic() + grace
     for http in http_servers:
-        http.stop(grace)
-    server.stop(grace)
+        http.stop(max(0.0, deadline - time.monotonic()))
+    server.stop(max(0.0, deadline - time.monotonic()))
     log.info("stopped")
     return 0
