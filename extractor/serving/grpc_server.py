@@ -74,8 +74,8 @@ class CallGuard(grpc.ServerInterceptor):
     the calls of the two doors.
 
     It runs in grpc's polling thread, before the call gets a thread: a refused call (no token, over a cap) is
-    answered from the reserve without reading its request. Once `closing`, every call but health's is refused
-    UNAVAILABLE, which tells clients to try another replica."""
+    answered from the reserve without reading its request. Once `closing`, every authenticated call but health's
+    is refused UNAVAILABLE, which tells clients to try another replica."""
 
     def __init__(self, token: str | None = None, metrics: ServingMetrics | None = None,
                  lanes: Lanes | None = None, watch: IdleWatch | None = None):
@@ -93,15 +93,15 @@ class CallGuard(grpc.ServerInterceptor):
         method = handler_call_details.method
         protocol = PROTOCOL_OF_SERVICE.get(method.split("/")[1]) if self.metrics else None
         metrics = self.metrics if protocol else None
-        if self.closing and not method.startswith(HEALTH_METHODS):
-            return _refusal(method, NotReadyError("the server is shutting down: try again or another replica"),
-                            metrics, protocol)
         # Exactly one authorization header: with two, which one a proxy or a server reads is anyone's guess.
         tokens = [value for key, value in handler_call_details.invocation_metadata if key == "authorization"]
         if self._expected is not None and not (
                 len(tokens) == 1 and hmac.compare_digest(str(tokens[0]).encode(), self._expected)):
             return _refusal(method, AuthenticationError(
                 "missing or wrong token: send metadata 'authorization: Bearer <token>'"), metrics, protocol)
+        if self.closing and not method.startswith(HEALTH_METHODS):
+            return _refusal(method, NotReadyError("the server is shutting down: try again or another replica"),
+                            metrics, protocol)
         if method.startswith(HEALTH_METHODS):
             if handler.response_streaming:
                 return handler  # Watch as grpc ships it: non-blocking, it holds no thread
