@@ -86,7 +86,7 @@ def steady_epoch_seconds(runs: list[ClassicRun]) -> tuple[float, float, float]:
     """An epoch's seconds from timing-only runs, their steps pooled: the steps per epoch times the lower
     quartile of the steady-state steps, plus what fit spends between steps (median), plus the test set's
     validation batches times their lower quartile; also from the 10th and 90th percentiles (a range)."""
-    steps = np.concatenate([r.step_seconds for r in runs])
+    steps = _pooled_steps(runs)
     validation = np.concatenate([r.validation_batch_seconds for r in runs])
     between = float(np.median([r.between_steps_seconds for r in runs]))
 
@@ -102,8 +102,12 @@ def steady_epoch_seconds(runs: list[ClassicRun]) -> tuple[float, float, float]:
 def slow_step_share(runs: list[ClassicRun], factor: float = 1.4) -> float:
     """The share of the pooled steady-state steps slower than `factor` x their lower quartile: the slow
     episodes' share, which `steady_epoch_seconds` stays right under while it is below three in four."""
-    steps = np.concatenate([r.step_seconds for r in runs])
+    steps = _pooled_steps(runs)
     return float(np.mean(steps > factor * np.percentile(steps, STEADY_QUANTILE)))
+
+
+def _pooled_steps(runs: list[ClassicRun]) -> np.ndarray:
+    return np.concatenate([r.step_seconds for r in runs])
 
 
 def _step_timer():

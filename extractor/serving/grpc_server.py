@@ -462,8 +462,8 @@ class FeatureServer:
         self.refuse_new_calls()
         while self.lanes.in_flight and time.monotonic() < deadline:
             time.sleep(0.01)
-        # quiet from the moment the last call ended, whose client may well call again at once
-        ended, settle_until = time.monotonic(), min(deadline, time.monotonic() + SETTLE_MAX_SECONDS)
+        ended = time.monotonic()  # the last call in flight: its client may well call again at once
+        settle_until = min(deadline, ended + SETTLE_MAX_SECONDS)
         while (time.monotonic() - max(ended, self.guard.last_arrival) < SETTLE_SECONDS
                and time.monotonic() < settle_until):
             time.sleep(0.01)
